@@ -1,0 +1,274 @@
+"""Benchmark DSBN forward + backward: the original SCALEX loop, the vectorized torch reference, the Triton kernels.
+
+For B in {64, 512, 4096}, F = 2000, D in {2, 16, 256} (training mode, random unsorted domain ids), times one
+forward + backward call of
+
+- ``loop``:   the original SCALEX 1.0.4 DSBN (Python loop over domains, ``np.where`` on host copies);
+- ``torch``:  ``scalex_scale.kernels.dsbn_reference`` (vectorized, sync-free);
+- ``triton``: the fused Triton kernels (CUDA only).
+
+GPU: CUDA events after warm-up; CPU: ``time.perf_counter``. Writes ``dsbn.json`` and ``dsbn.csv`` under
+``bench/results/<machine>/`` (or ``--out``), with machine info, versions and the git commit.
+
+Usage::
+
+    python bench/bench_dsbn.py                 # CUDA when available, else CPU
+    python bench/bench_dsbn.py --device cpu --quick --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from scalex_scale.kernels import dsbn, dsbn_loop_reference, dsbn_reference, triton_available
+
+REPO = Path(__file__).resolve().parents[1]
+DsbnFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run."""
+
+    device: torch.device
+    batch_sizes: tuple[int, ...]
+    n_features: int
+    n_domains: tuple[int, ...]
+    dtype: torch.dtype
+    warmup: int
+    repeats: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Result:
+    """One timed (method, shape) cell; times in milliseconds per forward + backward call."""
+
+    method: str
+    device: str
+    dtype: str
+    batch_size: int
+    n_features: int
+    n_domains: int
+    ms_median: float
+    ms_min: float
+    repeats: int
+    speedup_vs_loop: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- machine info
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, object]:
+    info: dict[str, object] = {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "gpu_name": None,
+    }
+    if device.type == "cuda":
+        info["gpu_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_label(info: dict[str, object]) -> str:
+    name = info["gpu_name"] or f"{info['cpu_model']}-{info['cpu_cores']}c"
+    return re.sub(r"[^A-Za-z0-9.]+", "-", str(name)).strip("-").lower()
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+# --------------------------------------------------------------------------------------------------------- timing
+def make_inputs(cfg: BenchConfig, n_rows: int, n_domains: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (n_domains, cfg.n_features)
+    tensors = {
+        "x": torch.randn(n_rows, cfg.n_features, generator=g).to(cfg.dtype),
+        "domain": torch.randint(0, n_domains, (n_rows,), generator=g),
+        "weight": torch.ones(shape),
+        "bias": torch.zeros(shape),
+        "running_mean": torch.zeros(shape),
+        "running_var": torch.ones(shape),
+        "grad": torch.randn(n_rows, cfg.n_features, generator=g).to(cfg.dtype),
+    }
+    tensors = {k: v.to(cfg.device) for k, v in tensors.items()}
+    for k in ("x", "weight", "bias"):
+        tensors[k].requires_grad_(True)
+    return tensors
+
+
+def step(fn: DsbnFn, t: dict[str, torch.Tensor]) -> None:
+    """One training forward + backward (gradients of x, weight, bias)."""
+    y = fn(t["x"], t["domain"], t["weight"], t["bias"], t["running_mean"], t["running_var"], training=True)
+    torch.autograd.grad(y, (t["x"], t["weight"], t["bias"]), t["grad"])
+
+
+def time_once_gpu(fn: DsbnFn, t: dict[str, torch.Tensor]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step(fn, t)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def time_once_cpu(fn: DsbnFn, t: dict[str, torch.Tensor]) -> float:
+    t0 = time.perf_counter()
+    step(fn, t)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_methods(
+    fns: dict[str, DsbnFn], inputs: dict[str, dict[str, torch.Tensor]], cfg: BenchConfig
+) -> dict[str, list[float]]:
+    """Milliseconds per call for each method, repeats interleaved across methods (fair under shared machines)."""
+    on_gpu = cfg.device.type == "cuda"
+    timer = time_once_gpu if on_gpu else time_once_cpu
+    for _ in range(cfg.warmup):
+        for name, fn in fns.items():
+            step(fn, inputs[name])
+    if on_gpu:
+        torch.cuda.synchronize(cfg.device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(cfg.repeats):
+        for name, fn in fns.items():
+            times[name].append(timer(fn, inputs[name]))
+    return times
+
+
+def triton_dsbn(*args: torch.Tensor, **kw: object) -> torch.Tensor:
+    return dsbn(*args, backend="triton", **kw)
+
+
+def methods(device: torch.device) -> dict[str, DsbnFn]:
+    out: dict[str, DsbnFn] = {"loop": dsbn_loop_reference, "torch": dsbn_reference}
+    if device.type == "cuda" and triton_available(device):
+        out["triton"] = triton_dsbn
+    return out
+
+
+def run_all(cfg: BenchConfig) -> list[Result]:
+    fns = methods(cfg.device)
+    results: list[Result] = []
+    for n_rows in cfg.batch_sizes:
+        for n_domains in cfg.n_domains:
+            inputs = {name: make_inputs(cfg, n_rows, n_domains) for name in fns}
+            times = time_methods(fns, inputs, cfg)
+            loop_ms = statistics.median(times["loop"])
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                r = Result(name, cfg.device.type, str(cfg.dtype).removeprefix("torch."), n_rows, cfg.n_features,
+                           n_domains, med, min(ts), len(ts), round(loop_ms / med, 2))
+                results.append(r)
+                print(f"B={n_rows:5d} F={cfg.n_features} D={n_domains:4d} {name:7s} {med:9.3f} ms "
+                      f"(min {min(ts):.3f}, x{r.speedup_vs_loop} vs loop)", flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------ output
+def write_results(out_dir: Path, results: list[Result], cfg: BenchConfig, info: dict[str, object]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "benchmark": "dsbn forward+backward (training mode), ms per call",
+        "machine": info,
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "triton": package_version("triton"),
+            "numpy": package_version("numpy"),
+            "scalex_scale": package_version("scalex-scale"),
+        },
+        "git_commit": git_commit(),
+        "config": {**asdict(cfg), "device": str(cfg.device), "dtype": str(cfg.dtype)},
+        "results": [asdict(r) for r in results],
+    }
+    (out_dir / "dsbn.json").write_text(json.dumps(payload, indent=2) + "\n")
+    with open(out_dir / "dsbn.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(asdict(results[0]).keys()) if results else ["method"])
+        writer.writeheader()
+        for r in results:
+            writer.writerow(asdict(r))
+    print(f"wrote {out_dir / 'dsbn.json'} and {out_dir / 'dsbn.csv'}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when available, else cpu")
+    p.add_argument("--quick", action="store_true", help="B in {64, 512}, D in {2, 16}, few repeats (smoke test)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<machine>)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> BenchConfig:
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but no CUDA device is available")
+    on_gpu = dev == "cuda"
+    return BenchConfig(
+        device=torch.device(dev),
+        batch_sizes=(64, 512) if args.quick else (64, 512, 4096),
+        n_features=2000,
+        n_domains=(2, 16) if args.quick else (2, 16, 256),
+        dtype=getattr(torch, args.dtype),
+        warmup=(2 if args.quick else 10) if on_gpu else 1,
+        repeats=(5 if args.quick else 50) if on_gpu else (3 if args.quick else 10),
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = build_config(args)
+    info = machine_info(cfg.device)
+    results = run_all(cfg)
+    out_dir = args.out if args.out is not None else REPO / "bench" / "results" / machine_label(info)
+    write_results(out_dir, results, cfg, info)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""Triton kernels for Domain-Specific BatchNorm (DSBN): training forward, backward, eval forward.
+
+Only ``@triton.jit`` functions live here; launchers and the autograd Function are in ``dsbn_launch.py``. This module
+imports triton at import time and is itself imported lazily (never by ``import scalex_scale.kernels``).
+
+Design: segmented reductions over domain-sorted rows
+----------------------------------------------------
+The host sorts the row indices by domain once per call (``torch.sort(domain, stable=True)``, on device) and builds
+per-domain ``starts``/``counts`` (``index_add`` + ``cumsum``; no host synchronisation). Each program then owns ONE
+(domain, feature block) pair: it walks only that domain's rows (gathered through the permutation, ``BLOCK_B`` rows
+at a time), so per-domain accumulators are just ``BLOCK_B x BLOCK_F`` registers whatever ``D`` is, and every output
+element ((D, F) statistics, running stats, dweight, dbias, and each row of y/dx) is written by exactly one program:
+no atomics, no (D, F) workspace, deterministic results, and in-place running-stat updates are race-free.
+Correct for any D (programs of empty domains exit after a few masked loads); the grid is ``(D, cdiv(F, BLOCK_F))``.
+For small D (2..16) the launcher narrows BLOCK_F so the grid still fills the GPU; each program then loops over
+its domain's ``n_d`` rows (``n_d / BLOCK_B`` iterations), twice (statistics, then normalize) in the forward and
+twice (reductions, then dx) in the backward; the second pass mostly hits L2.
+
+Numerics: statistics in float32 whatever the input dtype. The variance uses sums shifted by the domain's first
+row (``sum(x - k)``, ``sum((x - k)^2)``), which avoids the catastrophic cancellation of the raw sum-of-squares form
+when |mean| >> std.
+
+Rules (same as ``dsbn_reference``): a domain with >= 2 rows uses batch statistics and updates its running stats
+(unbiased variance); a domain with exactly one row (SINGLETON RULE) is normalized with its running statistics
+and not updated; an empty domain is untouched. Eval: every row uses running statistics.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["INTERPRETED", "dsbn_bwd_kernel", "dsbn_eval_fwd_kernel", "dsbn_train_fwd_kernel"]
+
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def dsbn_train_fwd_kernel(
+    X, Y, PERM, STARTS, COUNTS, W, B, RM, RV, MEAN_OUT, INVSTD_OUT,
+    n_rows, n_features, stride_x, stride_y, momentum, eps,
+    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """Training forward for one (domain, feature block): statistics, running-stat update, normalize + affine."""
+    pid_d = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    start = tl.load(STARTS + pid_d)
+    n = tl.load(COUNTS + pid_d)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = offs_f < n_features
+    n_vec = offs_f * 0 + n  # n broadcast to the feature block (vector masks work in the interpreter too)
+    param = pid_d * n_features + offs_f
+    seg = PERM + start
+    # shift k = the segment's first row (clamped so that an empty last domain still reads in bounds)
+    first = tl.load(PERM + tl.minimum(start, n_rows - 1))
+    k = tl.load(X + first * stride_x + offs_f, mask=mask_f & (n_vec >= 1), other=0.0).to(tl.float32)
+    acc_s = tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32)
+    acc_q = tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32)
+    for i in range(0, n, BLOCK_B):
+        rows = i + tl.arange(0, BLOCK_B)
+        idx = tl.load(seg + rows, mask=rows < n, other=0)
+        mask = (rows < n)[:, None] & mask_f[None, :]
+        x = tl.load(X + idx[:, None] * stride_x + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - k[None, :], 0.0)
+        acc_s += d
+        acc_q += d * d
+    nf = tl.maximum(n_vec.to(tl.float32), 1.0)
+    s = tl.sum(acc_s, axis=0) / nf
+    var_b = tl.maximum(tl.sum(acc_q, axis=0) / nf - s * s, 0.0)
+    mean_b = k + s
+    use_batch = n_vec >= 2
+    rm = tl.load(RM + param, mask=mask_f, other=0.0).to(tl.float32)
+    rv = tl.load(RV + param, mask=mask_f, other=1.0).to(tl.float32)
+    mean = tl.where(use_batch, mean_b, rm)
+    invstd = 1.0 / tl.sqrt(tl.where(use_batch, var_b, rv) + eps)
+    var_u = var_b * nf / tl.maximum(nf - 1.0, 1.0)
+    upd = mask_f & use_batch
+    tl.store(RM + param, ((1.0 - momentum) * rm + momentum * mean_b).to(RM.dtype.element_ty), mask=upd)
+    tl.store(RV + param, ((1.0 - momentum) * rv + momentum * var_u).to(RV.dtype.element_ty), mask=upd)
+    tl.store(MEAN_OUT + param, mean, mask=mask_f)
+    tl.store(INVSTD_OUT + param, invstd, mask=mask_f)
+    w = tl.load(W + param, mask=mask_f, other=0.0).to(tl.float32)
+    b = tl.load(B + param, mask=mask_f, other=0.0).to(tl.float32)
+    scale = w * invstd
+    for i in range(0, n, BLOCK_B):
+        rows = i + tl.arange(0, BLOCK_B)
+        idx = tl.load(seg + rows, mask=rows < n, other=0)
+        mask = (rows < n)[:, None] & mask_f[None, :]
+        x = tl.load(X + idx[:, None] * stride_x + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean[None, :]) * scale[None, :] + b[None, :]
+        tl.store(Y + idx[:, None] * stride_y + offs_f[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dsbn_bwd_kernel(
+    X, DY, DX, DW, DB, PERM, STARTS, COUNTS, W, MEAN, INVSTD,
+    n_features, stride_x, stride_dy, stride_dx,
+    TRAINING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """Backward for one (domain, feature block): dweight, dbias, then dx.
+
+    Batch-statistics domains (training, n >= 2): ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``.
+    Running-statistics rows (eval, or singleton domains in training): ``dx = w * invstd * dy``.
+    """
+    pid_d = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    start = tl.load(STARTS + pid_d)
+    n = tl.load(COUNTS + pid_d)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = offs_f < n_features
+    n_vec = offs_f * 0 + n
+    param = pid_d * n_features + offs_f
+    seg = PERM + start
+    mean = tl.load(MEAN + param, mask=mask_f, other=0.0)
+    invstd = tl.load(INVSTD + param, mask=mask_f, other=0.0)
+    w = tl.load(W + param, mask=mask_f, other=0.0).to(tl.float32)
+    acc_dy = tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32)
+    acc_dyx = tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32)
+    for i in range(0, n, BLOCK_B):
+        rows = i + tl.arange(0, BLOCK_B)
+        idx = tl.load(seg + rows, mask=rows < n, other=0)
+        mask = (rows < n)[:, None] & mask_f[None, :]
+        x = tl.load(X + idx[:, None] * stride_x + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + idx[:, None] * stride_dy + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (x - mean[None, :]) * invstd[None, :], 0.0)
+        acc_dy += dy
+        acc_dyx += dy * xhat
+    sum_dy = tl.sum(acc_dy, axis=0)
+    sum_dyx = tl.sum(acc_dyx, axis=0)
+    tl.store(DW + param, sum_dyx.to(DW.dtype.element_ty), mask=mask_f)
+    tl.store(DB + param, sum_dy.to(DB.dtype.element_ty), mask=mask_f)
+    nf = tl.maximum(n_vec.to(tl.float32), 1.0)
+    if TRAINING:
+        use_batch = n_vec >= 2
+        c_dy = tl.where(use_batch, sum_dy / nf, 0.0)
+        c_dyx = tl.where(use_batch, sum_dyx / nf, 0.0)
+    else:
+        c_dy = tl.zeros([BLOCK_F], dtype=tl.float32)
+        c_dyx = tl.zeros([BLOCK_F], dtype=tl.float32)
+    scale = w * invstd
+    for i in range(0, n, BLOCK_B):
+        rows = i + tl.arange(0, BLOCK_B)
+        idx = tl.load(seg + rows, mask=rows < n, other=0)
+        mask = (rows < n)[:, None] & mask_f[None, :]
+        x = tl.load(X + idx[:, None] * stride_x + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + idx[:, None] * stride_dy + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean[None, :]) * invstd[None, :]
+        dx = scale[None, :] * (dy - c_dy[None, :] - xhat * c_dyx[None, :])
+        tl.store(DX + idx[:, None] * stride_dx + offs_f[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dsbn_eval_fwd_kernel(
+    X, Y, DOMAIN, W, B, RM, RV,
+    n_rows, n_features, stride_x, stride_y, eps,
+    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    """Eval forward for one (row block, feature block): ``(x - rm[d]) / sqrt(rv[d] + eps) * w[d] + b[d]``."""
+    pid_b = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_r = rows < n_rows
+    mask = mask_r[:, None] & (offs_f < n_features)[None, :]
+    dom = tl.load(DOMAIN + rows, mask=mask_r, other=0).to(tl.int64)
+    param = dom[:, None] * n_features + offs_f[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + offs_f[None, :], mask=mask, other=0.0).to(tl.float32)
+    rm = tl.load(RM + param, mask=mask, other=0.0).to(tl.float32)
+    rv = tl.load(RV + param, mask=mask, other=1.0).to(tl.float32)
+    w = tl.load(W + param, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + param, mask=mask, other=0.0).to(tl.float32)
+    y = (x - rm) / tl.sqrt(rv + eps) * w + b
+    tl.store(Y + rows[:, None] * stride_y + offs_f[None, :], y.to(Y.dtype.element_ty), mask=mask)

@@ -1,0 +1,320 @@
+"""The Python API: ingest, preprocess, fit, embed, integrate, project, transfer, evaluate.
+
+Each function works on an atlas path; the CLI (:mod:`scalex_scale.cli`) is a thin layer over these.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .preprocess.pipeline import preprocess
+from .preprocess.state import PreprocessState
+from .store import Atlas, IngestReport, ingest
+from .store.errors import PreprocessError, ScalexError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IntegrateResult", "ProjectReport", "embed", "fit", "ingest", "integrate", "preprocess", "project"]
+
+
+def _n_workers() -> int:
+    return os.cpu_count() or 1
+
+
+def _state(atlas: Atlas) -> dict[str, Any]:
+    prep = atlas.state.get("preprocess")
+    if prep is None:
+        raise PreprocessError(f"{atlas.path}: not preprocessed yet; run `scalex-scale preprocess {atlas.path}`")
+    return prep
+
+
+def _preprocess_state(record: dict[str, Any]) -> PreprocessState:
+    return PreprocessState.from_dict(record)  # extra keys (n_train, permutation_seed, n_obs) are ignored
+
+
+# ---------------------------------------------------------------------------------------------- fit / embed
+def fit(
+    store: str | Path,
+    model_dir: str | Path,
+    config: Any = None,
+    *,
+    resume: bool = False,
+    distributed: bool = False,
+    sync_dsbn: bool = False,
+    checkpoint_seconds: float = 300.0,
+):
+    """Train the SCALEX model on the atlas' training matrix and save it to ``model_dir``.
+
+    Parameters
+    ----------
+    store
+        A preprocessed atlas.
+    model_dir
+        Checkpoint directory (weights as safetensors, config and preprocessing state as JSON).
+    config
+        A :class:`~scalex_scale.train.TrainConfig` (default: the method's defaults).
+    resume
+        Continue from the trainer state saved in ``model_dir`` (exact to the batch).
+    distributed
+        Data-parallel training under ``torchrun`` (see :func:`scalex_scale.train.distributed.init_distributed`).
+    sync_dsbn
+        With ``distributed``: normalize each domain with statistics all-reduced across ranks.
+    checkpoint_seconds
+        Save a resumable trainer state at the end of an epoch at most this often.
+
+    Returns
+    -------
+    TrainResult
+    """
+    from .data.loader import TrainingLoader
+    from .nn import SCALEXModule
+    from .train import TrainConfig, Trainer, load_trainer_state, save_checkpoint
+
+    config = config or TrainConfig()
+    atlas = Atlas.open(store)
+    prep = _state(atlas)
+    state = _preprocess_state(prep)
+    source = atlas.training_matrix()
+    ctx = None
+    if distributed:
+        from .train import distributed as dist
+
+        ctx = dist.init_distributed(config.device)
+        from dataclasses import replace
+
+        config = replace(config, device=str(ctx.device), progress=config.progress and ctx.rank == 0)
+        dist.check_agreement(
+            ctx,
+            {
+                "store_rows": source.n_rows,
+                "features": state.features,
+                "batches": state.batches,
+                "permutation_seed": prep.get("permutation_seed"),
+                "config": config.to_dict() | {"device": None, "progress": None},
+            },
+        )
+    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    from .train.config import resolve_device
+
+    device = resolve_device(config.device)
+    loader = TrainingLoader(
+        source,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        rank=rank,
+        world_size=world,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+    )
+    module = SCALEXModule(state.n_features, len(state.batches), seed=config.seed)
+    if sync_dsbn and ctx is not None:
+        from .nn import convert_sync_dsbn
+
+        convert_sync_dsbn(module)
+    train_module, reduce = None, None
+    if ctx is not None:
+        from .train import all_reduce_epoch_loss
+        from .train import distributed as dist
+
+        module.to(device)
+        train_module, reduce = dist.wrap_ddp(module, ctx), all_reduce_epoch_loss()
+    trainer = Trainer(module, config, train_module=train_module, reduce_epoch_loss=reduce)
+    model_config = {
+        "domains": list(state.batches),
+        "var_names": [str(v) for v in atlas.var_names],
+        "atlas": str(Path(store).resolve()),
+        "train_config": config.to_dict(),
+    }
+    start_state = load_trainer_state(model_dir) if resume else None
+    if resume and start_state is None:
+        raise ScalexError(f"{model_dir}: no trainer state to resume from")
+    last_save = [time.monotonic()]
+
+    def save(trainer_state=None) -> None:
+        if rank == 0:
+            save_checkpoint(model_dir, module, model_config=model_config, preprocess_state=prep, trainer_state=trainer_state)
+
+    def on_epoch_end(record, tr) -> None:
+        if checkpoint_seconds is not None and time.monotonic() - last_save[0] > checkpoint_seconds:
+            save(tr.state())
+            last_save[0] = time.monotonic()
+
+    result = trainer.fit(loader, start_state=start_state, on_epoch_end=on_epoch_end)
+    save(trainer.state())
+    if ctx is not None:
+        from .train import distributed as dist
+
+        dist.barrier(ctx)
+    if rank == 0:
+        model = {
+            "directory": str(Path(model_dir).resolve()),
+            "n_iterations": result.n_iterations,
+            "n_epochs": result.n_epochs,
+            "best_epoch": result.best_epoch,
+            "best_loss": result.best_loss,
+            "stopped_early": result.stopped_early,
+            "seconds": result.seconds,
+        }
+        Atlas.open(store, mode="r+").update_state("model", model)
+    if ctx is not None:
+        from .train import distributed as dist
+
+        dist.shutdown()
+    return result
+
+
+def _load_model(model_dir: str | Path, device: str):
+    from .train import load_checkpoint
+    from .train.config import resolve_device
+
+    dev = resolve_device(device)
+    module, model_config, prep = load_checkpoint(model_dir, device=dev)
+    if prep is None:
+        raise ScalexError(f"{model_dir}: checkpoint has no preprocessing state")
+    return module, model_config, prep, _preprocess_state(prep), dev
+
+
+def _check_genes(atlas: Atlas, model_config: dict[str, Any], model_dir: str | Path) -> None:
+    names = model_config.get("var_names")
+    if names is not None and list(map(str, atlas.var_names)) != names:
+        raise ScalexError(
+            f"{atlas.path}: genes differ from those the model in {model_dir} was trained on; "
+            "use `scalex-scale project` to align new data to the model"
+        )
+
+
+def embed(store: str | Path, model_dir: str | Path, *, device: str = "auto", key: str = "latent") -> int:
+    """Write ``obsm[key]`` (encoder mean, float32, n_cells x 10) for every cell, in the atlas' cell order.
+
+    Cells failing QC get NaN (see ``obs['scalex_qc_pass']``). Streams row ranges: memory does not grow with cells.
+    Returns the number of cells embedded.
+    """
+    from .embedding import embed_rows, maxabs_rows
+
+    module, model_config, prep, state, dev = _load_model(model_dir, device)
+    atlas = Atlas.open(store, mode="r+")
+    _check_genes(atlas, model_config, model_dir)
+    maxabs = maxabs_rows(atlas, state, atlas.state.get("projection", {}).get("maxabs"))
+    writer = atlas.new_obsm_writer(key, module.n_latent)
+    n = embed_rows(atlas, module, state, maxabs, writer, device=dev, n_workers=_n_workers())
+    atlas.publish_obsm(key)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------- integrate
+@dataclass(frozen=True)
+class IntegrateResult:
+    atlas: Path
+    model_dir: Path
+    ingest: IngestReport
+    state: PreprocessState
+    train: Any
+
+
+def integrate(
+    inputs: Sequence[Any],
+    outdir: str | Path,
+    *,
+    batch_key: str | None = None,
+    batch_names: Sequence[str] | None = None,
+    join: str = "inner",
+    train: Any = None,
+    **preprocess_kwargs: Any,
+) -> IntegrateResult:
+    """Ingest, preprocess, fit and embed in one go; writes ``OUTDIR/atlas.zarr`` and ``OUTDIR/model``."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    atlas_path, model_dir = outdir / "atlas.zarr", outdir / "model"
+    if atlas_path.exists():
+        raise ScalexError(f"{atlas_path} exists already; choose another --outdir or remove it")
+    profile = preprocess_kwargs.get("profile") or "RNA"
+    report = ingest(atlas_path, inputs, batch_key=batch_key, batch_names=batch_names, join=join, profile=profile)
+    state = preprocess(atlas_path, **preprocess_kwargs)
+    result = fit(atlas_path, model_dir, train)
+    embed(atlas_path, model_dir, device=train.device if train is not None else "auto")
+    return IntegrateResult(atlas_path, model_dir, report, state, result)
+
+
+# ---------------------------------------------------------------------------------------------- project
+@dataclass(frozen=True)
+class ProjectReport:
+    store: str
+    batches: dict[str, int]
+    n_embedded: int
+    genes_missing: dict[str, int] = field(default_factory=dict)
+    genes_dropped: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"projected {sum(self.batches.values()):,} cells into {self.store} ({self.n_embedded:,} pass QC)"]
+        lines += [f"  batch {b}: {n:,} cells" for b, n in self.batches.items()]
+        for name, n in self.genes_missing.items():
+            lines.append(f"  {name}: {n:,} model genes missing (filled with 0), {self.genes_dropped[name]:,} extra dropped")
+        return "\n".join(lines)
+
+
+def project(
+    store: str | Path,
+    model_dir: str | Path,
+    inputs: Sequence[Any],
+    *,
+    batch_key: str | None = None,
+    batch_names: Sequence[str] | None = None,
+    query_store: str | Path | None = None,
+    device: str = "auto",
+) -> ProjectReport:
+    """Embed new data with the frozen encoder and append it to the atlas as new batches.
+
+    New data are aligned to the model's genes (missing ones zero-filled and reported, extra ones dropped),
+    filtered and normalized with the stored state, scaled with their own per-batch MaxAbs, and embedded; no
+    retraining, no new feature selection. With ``query_store`` they go to a separate atlas instead.
+    """
+    from .embedding import compute_maxabs, embed_rows, maxabs_rows
+    from .store.readers import open_input
+
+    module, model_config, prep, state, dev = _load_model(model_dir, device)
+    if query_store is not None:
+        target = Path(query_store)
+        if not target.exists():
+            var_names = model_config.get("var_names")
+            if var_names is None:
+                raise ScalexError(f"{model_dir}: checkpoint lacks the atlas gene list needed for a query store")
+            import pandas as pd
+
+            Atlas.create(target.with_name(f".{target.name}.new"), pd.Index(var_names))
+            os.replace(target.with_name(f".{target.name}.new"), target)
+    else:
+        target = Path(store)
+    atlas = Atlas.open(target, mode="r+")
+    _check_genes(atlas, model_config, model_dir)
+    existing = set(atlas.batch_categories)
+    sources = [open_input(obj, i) for i, obj in enumerate(inputs)]
+    n0 = atlas.n_obs
+    report = ingest(target, sources, batch_key=batch_key, batch_names=batch_names)
+    clash = existing & set(report.batches_added)
+    if clash:
+        log.warning("batches %s already existed in %s; their new cells are scaled with their own MaxAbs", sorted(clash), target)
+    atlas = Atlas.open(target, mode="r+")
+    new_batches = list(report.batches_added)
+    extra = compute_maxabs(atlas, state, (n0, atlas.n_obs), new_batches, _n_workers())
+    projection = atlas.state.get("projection") or {"maxabs": {}}
+    projection["maxabs"].update(extra)
+    atlas.update_state("projection", projection)
+    maxabs = maxabs_rows(atlas, state, projection["maxabs"]) if state.scale != "global" else np.asarray([extra["__all__"]], dtype=np.float32)
+    if "latent" not in atlas.obsm_keys():
+        writer = atlas.new_obsm_writer("latent", module.n_latent)
+        writer[:] = np.full(writer.shape, np.nan, dtype=np.float32)
+        atlas.publish_obsm("latent")
+    latent = atlas.root["obsm"]["latent"]
+    n = embed_rows(atlas, module, state, maxabs, latent, rows=(n0, atlas.n_obs), device=dev, n_workers=_n_workers())
+    qc = np.isfinite(latent[n0 : atlas.n_obs, 0])
+    old = atlas.obs["scalex_qc_pass"].to_numpy(dtype=bool, na_value=False)[:n0] if "scalex_qc_pass" in atlas.obs else np.zeros(n0, bool)
+    atlas.write_obs_columns({"scalex_qc_pass": np.concatenate([old, qc])})
+    return ProjectReport(str(target), report.batches_added, n, report.genes_missing, report.genes_dropped)

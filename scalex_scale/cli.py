@@ -1,0 +1,221 @@
+"""The ``scalex-scale`` command line: a thin argparse layer over :mod:`scalex_scale.api`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .store.errors import ScalexError
+
+
+def _csv(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
+def _add_batch_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--batch-key", help="obs column holding each cell's batch")
+    g.add_argument("--batch-names", type=_csv, help="one batch name per input, comma-separated")
+
+
+def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=["RNA", "ATAC"], default=None, help="default: the profile given at ingest")
+    p.add_argument("--n-top-features", type=int, default=None, help="HVGs (RNA, default 2000) / peaks (ATAC, 30000)")
+    p.add_argument("--min-features", type=int, default=None, help="min genes per cell (RNA 600, ATAC 100)")
+    p.add_argument("--min-cells", type=int, default=3, help="min cells per gene")
+    p.add_argument("--scale", choices=["batch", "global"], default="batch", help="MaxAbs scaling per batch or global")
+    p.add_argument("--keep-mt", action="store_true", help="keep MT-/mt-/ERCC genes")
+    p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address (default: local threads)")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-iterations", type=int, default=30_000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture the training step in a CUDA graph")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    return TrainConfig(
+        max_iterations=args.max_iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        precision=args.precision,
+        seed=args.seed,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
+        progress=not args.no_progress,
+    )
+
+
+def _preprocess_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        profile=args.profile,
+        n_top_features=args.n_top_features,
+        min_features=args.min_features,
+        min_cells=args.min_cells,
+        scale=args.scale,
+        keep_mt=args.keep_mt,
+        scheduler=args.scheduler,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scalex-scale",
+        description="Out-of-core single-cell data integration with SCALEX on Zarr atlases.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="create an atlas from inputs, or append them as new batches")
+    p.add_argument("store")
+    p.add_argument("inputs", nargs="+", help=".h5ad, .h5 (10x), AnnData .zarr, or 10x MTX directories")
+    _add_batch_args(p)
+    p.add_argument("--join", choices=["inner", "outer"], default="inner", help="gene join of a new atlas")
+    p.add_argument("--profile", choices=["RNA", "ATAC"], default="RNA")
+
+    p = sub.add_parser("info", help="summarise an atlas")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("preprocess", help="filter, normalize, select features, scale; write the training matrix")
+    p.add_argument("store")
+    _add_preprocess_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the stored row permutation")
+
+    p = sub.add_parser("fit", help="train the SCALEX model on a preprocessed atlas")
+    p.add_argument("store")
+    p.add_argument("model_dir")
+    _add_train_args(p)
+    p.add_argument("--resume", action="store_true", help="resume from MODEL_DIR's trainer state")
+    p.add_argument("--distributed", action="store_true", help="data-parallel over torchrun's processes")
+    p.add_argument("--sync-dsbn", action="store_true", help="all-reduce per-domain DSBN statistics across ranks")
+
+    p = sub.add_parser("embed", help="write obsm['latent'] for every cell of the atlas")
+    p.add_argument("store")
+    p.add_argument("model_dir")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    p = sub.add_parser("integrate", help="ingest + preprocess + fit + embed in one go")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--outdir", required=True)
+    _add_batch_args(p)
+    p.add_argument("--join", choices=["inner", "outer"], default="inner")
+    _add_preprocess_args(p)
+    _add_train_args(p)
+
+    p = sub.add_parser("project", help="embed new data with a trained model and append it to the atlas")
+    p.add_argument("store")
+    p.add_argument("model_dir")
+    p.add_argument("inputs", nargs="+")
+    _add_batch_args(p)
+    p.add_argument("--query-store", default=None, help="write the query to this separate atlas instead")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    p = sub.add_parser("transfer", help="transfer labels from reference to query cells in the latent space")
+    p.add_argument("store")
+    p.add_argument("--label-key", required=True)
+    p.add_argument("--reference-batches", type=_csv, default=None)
+    p.add_argument("--query-batches", type=_csv, default=None)
+    p.add_argument("--k", type=int, default=30)
+    p.add_argument("--threshold", type=float, default=0.5, help="confidence below which a cell is 'unassigned'")
+
+    p = sub.add_parser("evaluate", help="integration metrics (and plots with --out)")
+    p.add_argument("store")
+    p.add_argument("--label-key", default=None)
+    p.add_argument("--out", default=None, help="directory for metrics.json and PNG plots")
+    p.add_argument("--no-umap", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="the whole story on built-in synthetic data")
+    p.add_argument("--outdir", default="scalex_demo")
+    p.add_argument("--n-cells", type=int, default=6000)
+    p.add_argument("--max-iterations", type=int, default=1500)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import api
+
+    cmd = args.command
+    if cmd == "ingest":
+        report = api.ingest(args.store, args.inputs, batch_key=args.batch_key, batch_names=args.batch_names, join=args.join, profile=args.profile)
+        print(f"ingested {report.n_cells_added:,} cells into {report.path} ({report.n_genes:,} genes)")
+        for b, n in report.batches_added.items():
+            print(f"  batch {b}: {n:,} cells")
+        for name, n in report.genes_missing.items():
+            if n:
+                print(f"  {name}: {n:,} atlas genes missing (zero-filled); {report.genes_dropped[name]:,} extra genes dropped")
+        if report.cells_renamed:
+            print(f"  {report.cells_renamed:,} clashing cell names made unique")
+    elif cmd == "info":
+        from .store import Atlas
+
+        atlas = Atlas.open(args.store)
+        if args.json:
+            _print_json(atlas.info())
+        else:
+            print(atlas.summary())
+    elif cmd == "preprocess":
+        state = api.preprocess(args.store, seed=args.seed, **_preprocess_kwargs(args))
+        print(f"preprocessed {args.store}: {state.n_cells_kept:,} training cells x {state.n_features:,} features")
+    elif cmd == "fit":
+        result = api.fit(args.store, args.model_dir, _train_config(args), resume=args.resume, distributed=args.distributed, sync_dsbn=args.sync_dsbn)
+        if result is not None:
+            print(f"trained {result.n_iterations:,} iterations in {result.seconds:.1f} s; model in {args.model_dir}")
+    elif cmd == "embed":
+        api.embed(args.store, args.model_dir, device=args.device)
+        print(f"wrote obsm['latent'] to {args.store}")
+    elif cmd == "integrate":
+        out = api.integrate(
+            args.inputs, args.outdir, batch_key=args.batch_key, batch_names=args.batch_names, join=args.join,
+            train=_train_config(args), **_preprocess_kwargs(args),
+        )
+        print(f"atlas: {out.atlas}\nmodel: {out.model_dir}")
+    elif cmd == "project":
+        report = api.project(args.store, args.model_dir, args.inputs, batch_key=args.batch_key, batch_names=args.batch_names, query_store=args.query_store, device=args.device)
+        print(report.summary())
+    elif cmd == "transfer":
+        summary = api.transfer(args.store, args.label_key, reference_batches=args.reference_batches, query_batches=args.query_batches, k=args.k, threshold=args.threshold)
+        print(summary.summary())
+    elif cmd == "evaluate":
+        result = api.evaluate(args.store, label_key=args.label_key, out=args.out, umap=not args.no_umap, seed=args.seed)
+        print(result.table())
+    elif cmd == "demo":
+        from .demo import run_demo
+
+        run_demo(args.outdir, n_cells=args.n_cells, max_iterations=args.max_iterations, device=args.device, seed=args.seed)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return run(args)
+    except ScalexError as err:
+        print(f"scalex-scale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Domain-Specific Batch Normalization as a thin ``nn.Module`` over :func:`scalex_scale.kernels.dsbn`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from scalex_scale.kernels import dsbn, resolve_backend
+from scalex_scale.nn.sync_dsbn import sync_dsbn, sync_world_size
+
+Backend = Literal["auto", "torch", "triton"]
+
+
+class DSBN(nn.Module):
+    """One batch normalization per domain (batch), with per-domain statistics and affine parameters.
+
+    The computation (including the singleton rule: a domain with exactly one row in a training
+    mini-batch is normalized with its running statistics and does not update them) lives in
+    :func:`scalex_scale.kernels.dsbn`; this module only owns the parameters and buffers.
+
+    Parameters
+    ----------
+    n_features
+        Number of features ``F``.
+    n_domains
+        Number of domains ``D``.
+    momentum
+        Running-statistics momentum, as in :class:`torch.nn.BatchNorm1d`
+        (``new = (1 - momentum) * old + momentum * batch``).
+    eps
+        Variance epsilon.
+    backend
+        Kernel backend passed to :func:`scalex_scale.kernels.dsbn` (``"auto" | "torch" | "triton"``).
+    sync
+        Data-parallel training only (default False). When True and a ``torch.distributed`` process
+        group of more than one rank is initialized, training-mode calls use
+        :func:`scalex_scale.nn.sync_dsbn.sync_dsbn`: every domain is normalized with the statistics
+        of the GLOBAL mini-batch (all ranks' rows; the singleton rule applies to the global count),
+        and running statistics are updated identically on all ranks. Costs one all-reduce of
+        ``D * (2F + 1)`` floats in forward and one of ``2 * D * F`` in backward per step, not
+        overlapped with compute, and uses the pure-torch path (no fused Triton kernel). Worth it
+        when per-rank batches are small for the number of domains (noisy local statistics, many
+        local singletons); with False each rank normalizes with its own rows' statistics (what plain
+        DDP does with BatchNorm). Eval mode, a single process, or no process group: no effect.
+        Not saved in checkpoints (a runtime option); see also
+        :func:`scalex_scale.nn.sync_dsbn.convert_sync_dsbn`.
+    process_group
+        The group ``sync`` synchronizes over (None: the default world group).
+
+    Attributes
+    ----------
+    weight, bias
+        (D, F) affine parameters, initialized to ones and zeros.
+    running_mean, running_var
+        (D, F) buffers, initialized to zeros and ones; updated in place in training mode.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        n_domains: int,
+        *,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        backend: Backend = "auto",
+        sync: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__()
+        if n_features < 1 or n_domains < 1:
+            raise ValueError(
+                f"DSBN needs n_features >= 1 and n_domains >= 1, got {n_features} and {n_domains}"
+            )
+        self.n_features = int(n_features)
+        self.n_domains = int(n_domains)
+        self.momentum = float(momentum)
+        self.eps = float(eps)
+        self.backend: Backend = backend
+        self.sync = bool(sync)
+        self.process_group = process_group
+        self.weight = nn.Parameter(torch.ones(n_domains, n_features))
+        self.bias = nn.Parameter(torch.zeros(n_domains, n_features))
+        self.register_buffer("running_mean", torch.zeros(n_domains, n_features))
+        self.register_buffer("running_var", torch.ones(n_domains, n_features))
+
+    def reset_parameters(self) -> None:
+        """Reset the affine parameters and the running statistics to their initial values."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+
+    def resolved_backend(self, device: torch.device | str) -> str:
+        """The kernel backend (``"torch"`` or ``"triton"``) this layer uses for tensors on ``device``.
+
+        Raises ``RuntimeError`` when ``backend="triton"`` cannot run there. Calling it once before
+        ``torch.compile`` also keeps the kernels' one-time backend log out of the compiled graph.
+        """
+        return resolve_backend(self.backend, torch.device(device))
+
+    def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """Normalize ``x`` (N, F) row-wise by the domain of each row, ``domain`` (N,) int64 codes."""
+        if self.sync and self.training and sync_world_size(self.process_group) > 1:
+            return sync_dsbn(
+                x,
+                domain,
+                self.weight,
+                self.bias,
+                self.running_mean,
+                self.running_var,
+                training=True,
+                momentum=self.momentum,
+                eps=self.eps,
+                process_group=self.process_group,
+            )
+        return dsbn(
+            x,
+            domain,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_features={self.n_features}, n_domains={self.n_domains}, momentum={self.momentum}, "
+            f"eps={self.eps}, backend={self.backend!r}" + (", sync=True" if self.sync else "")
+        )

@@ -1,0 +1,34 @@
+"""Training: configuration, the training loop, and checkpoints (safetensors + JSON, no pickles)."""
+
+from __future__ import annotations
+
+from scalex_scale.train.checkpoint import (
+    FORMAT_VERSION,
+    load_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
+from scalex_scale.train.config import TrainConfig, resolve_device
+from scalex_scale.train.trainer import (
+    EpochLoader,
+    EpochRecord,
+    Trainer,
+    TrainerState,
+    TrainResult,
+    all_reduce_epoch_loss,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "EpochLoader",
+    "EpochRecord",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "TrainerState",
+    "all_reduce_epoch_loss",
+    "load_checkpoint",
+    "load_trainer_state",
+    "save_checkpoint",
+    "resolve_device",
+]

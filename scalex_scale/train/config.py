@@ -1,0 +1,112 @@
+"""Training hyper-parameters and runtime switches, as a frozen, JSON-able dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train a :class:`~scalex_scale.nn.SCALEXModule` (SCALEX defaults).
+
+    Parameters
+    ----------
+    max_iterations
+        Total optimizer steps; epochs = ``ceil(max_iterations / batches_per_epoch)``.
+    batch_size
+        Cells per mini-batch (used by whoever builds the loader; drop_last is assumed).
+    lr, weight_decay
+        Adam learning rate and (L2, not decoupled) weight decay.
+    patience
+        Early stopping: stop after this many consecutive epochs without a strictly lower
+        epoch-mean loss; the best weights are restored at the end of training.
+    kl_weight
+        Weight of the KL term of the loss.
+    device
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        Requesting CUDA without CUDA is an error, never a silent fallback.
+    precision
+        ``"fp32"``, or ``"bf16"``: bfloat16 autocast of the matmuls, CUDA only (an error on CPU);
+        the DSBN layer and the loss stay float32.
+    compile
+        Wrap the training forward (loss) in ``torch.compile``.
+    cuda_graphs
+        Capture the whole step (forward, backward, fused capturable Adam, loss accumulation) in a
+        CUDA graph and replay it; CUDA only (an error on CPU). Needs a constant batch size.
+    seed
+        Seed of the trainer's device generator (reparameterization noise). The module's weight
+        initialization has its own seed (its constructor).
+    progress
+        Show a tqdm bar (loss and cells/s).
+    log_every
+        Steps between progress-bar refreshes of the running loss; each refresh costs one
+        device-to-host sync. 0 refreshes only at epoch ends.
+    """
+
+    max_iterations: int = 30000
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 5e-4
+    patience: int = 10
+    kl_weight: float = 0.5
+    device: str = "auto"
+    precision: Precision = "fp32"
+    compile: bool = False
+    cuda_graphs: bool = False
+    seed: int = 0
+    progress: bool = True
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (batch normalization), got {self.batch_size}")
+        if self.lr < 0 or self.weight_decay < 0:
+            raise ValueError(f"lr and weight_decay must be >= 0, got {self.lr} and {self.weight_decay}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.log_every < 0:
+            raise ValueError(f"log_every must be >= 0, got {self.log_every}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn a :attr:`TrainConfig.device` string into a ``torch.device``.
+
+    ``"auto"`` picks CUDA only when it is available. An explicit CUDA request on a machine without
+    CUDA raises ``RuntimeError``.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device={device!r} was requested but CUDA is not available "
+            f"(torch {torch.__version__}); use device='cpu' or 'auto'"
+        )
+    return resolved
