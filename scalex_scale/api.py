@@ -49,7 +49,7 @@ def fit(
     resume: bool = False,
     distributed: bool = False,
     sync_dsbn: bool = False,
-    checkpoint_seconds: float = 300.0,
+    checkpoint_iterations: int = 5000,
 ):
     """Train the SCALEX model on the atlas' training matrix and save it to ``model_dir``.
 
@@ -64,111 +64,126 @@ def fit(
     resume
         Continue from the trainer state saved in ``model_dir`` (exact to the batch).
     distributed
-        Data-parallel training under ``torchrun`` (see :func:`scalex_scale.train.distributed.init_distributed`).
+        Data-parallel training under ``torchrun`` (global rank and world size from the launcher). Each rank reads
+        its own shards; ``config.batch_size`` is per rank.
     sync_dsbn
         With ``distributed``: normalize each domain with statistics all-reduced across ranks.
-    checkpoint_seconds
-        Save a resumable trainer state at the end of an epoch at most this often.
+    checkpoint_iterations
+        Save a resumable trainer state at the end of the epoch after every this many iterations.
 
     Returns
     -------
     TrainResult
     """
-    from .data.loader import TrainingLoader
     from .nn import SCALEXModule
-    from .train import TrainConfig, Trainer, load_trainer_state, save_checkpoint
+    from .train import TrainConfig
 
     config = config or TrainConfig()
     atlas = Atlas.open(store)
     prep = _state(atlas)
     state = _preprocess_state(prep)
     source = atlas.training_matrix()
-    ctx = None
-    if distributed:
-        from .train import distributed as dist
-
-        ctx = dist.init_distributed(config.device)
-        from dataclasses import replace
-
-        config = replace(config, device=str(ctx.device), progress=config.progress and ctx.rank == 0)
-        dist.check_agreement(
-            ctx,
-            {
-                "store_rows": source.n_rows,
-                "features": state.features,
-                "batches": state.batches,
-                "permutation_seed": prep.get("permutation_seed"),
-                "config": config.to_dict() | {"device": None, "progress": None},
-            },
-        )
-    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
-    from .train.config import resolve_device
-
-    device = resolve_device(config.device)
-    loader = TrainingLoader(
-        source,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        rank=rank,
-        world_size=world,
-        drop_last=True,
-        pin_memory=device.type == "cuda",
-    )
-    module = SCALEXModule(state.n_features, len(state.batches), seed=config.seed)
-    if sync_dsbn and ctx is not None:
-        from .nn import convert_sync_dsbn
-
-        convert_sync_dsbn(module)
-    train_module, reduce = None, None
-    if ctx is not None:
-        from .train import all_reduce_epoch_loss
-        from .train import distributed as dist
-
-        module.to(device)
-        train_module, reduce = dist.wrap_ddp(module, ctx), all_reduce_epoch_loss()
-    trainer = Trainer(module, config, train_module=train_module, reduce_epoch_loss=reduce)
     model_config = {
         "domains": list(state.batches),
         "var_names": [str(v) for v in atlas.var_names],
         "atlas": str(Path(store).resolve()),
         "train_config": config.to_dict(),
     }
+    module = SCALEXModule(state.n_features, len(state.batches), seed=config.seed)
+    run = _fit_distributed if distributed else _fit_local
+    result = run(store, model_dir, module, source, config, prep, model_config, resume, sync_dsbn, checkpoint_iterations)
+    return result
+
+
+def _loader(source: Any, config: Any, rank: int, world: int, device: Any):
+    from .data.loader import TrainingLoader
+
+    return TrainingLoader(
+        source, batch_size=config.batch_size, seed=config.seed, rank=rank, world_size=world, drop_last=True,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+
+
+def _every(loader: Any, iterations: int):
+    """``on_epoch_end`` predicate: true about every ``iterations`` optimizer steps (same answer on all ranks)."""
+    epochs = max(1, round(iterations / max(1, loader.batches_per_epoch)))
+    return lambda record: (record.epoch + 1) % epochs == 0
+
+
+def _record_model(store: str | Path, model_dir: str | Path, result: Any, world_size: int = 1) -> None:
+    model = {
+        "directory": str(Path(model_dir).resolve()),
+        "n_iterations": result.n_iterations,
+        "n_epochs": result.n_epochs,
+        "best_epoch": result.best_epoch,
+        "best_loss": result.best_loss,
+        "stopped_early": result.stopped_early,
+        "seconds": result.seconds,
+        "world_size": world_size,
+    }
+    Atlas.open(store, mode="r+").update_state("model", model)
+
+
+def _fit_local(store, model_dir, module, source, config, prep, model_config, resume, sync_dsbn, every):
+    from .train import Trainer, load_trainer_state, save_checkpoint
+    from .train.config import resolve_device
+
+    if sync_dsbn:
+        raise ScalexError("--sync-dsbn needs --distributed (it all-reduces DSBN statistics across ranks)")
+    loader = _loader(source, config, 0, 1, resolve_device(config.device))
+    trainer = Trainer(module, config)
     start_state = load_trainer_state(model_dir) if resume else None
     if resume and start_state is None:
         raise ScalexError(f"{model_dir}: no trainer state to resume from")
-    last_save = [time.monotonic()]
 
-    def save(trainer_state=None) -> None:
-        if rank == 0:
-            save_checkpoint(model_dir, module, model_config=model_config, preprocess_state=prep, trainer_state=trainer_state)
+    def save(trainer_state: Any) -> None:
+        save_checkpoint(model_dir, module, model_config=model_config, preprocess_state=prep, trainer_state=trainer_state)
 
-    def on_epoch_end(record, tr) -> None:
-        if checkpoint_seconds is not None and time.monotonic() - last_save[0] > checkpoint_seconds:
-            save(tr.state())
-            last_save[0] = time.monotonic()
-
-    result = trainer.fit(loader, start_state=start_state, on_epoch_end=on_epoch_end)
+    due = _every(loader, every)
+    result = trainer.fit(loader, start_state=start_state, on_epoch_end=lambda rec, tr: save(tr.state()) if due(rec) else None)
     save(trainer.state())
-    if ctx is not None:
-        from .train import distributed as dist
-
-        dist.barrier(ctx)
-    if rank == 0:
-        model = {
-            "directory": str(Path(model_dir).resolve()),
-            "n_iterations": result.n_iterations,
-            "n_epochs": result.n_epochs,
-            "best_epoch": result.best_epoch,
-            "best_loss": result.best_loss,
-            "stopped_early": result.stopped_early,
-            "seconds": result.seconds,
-        }
-        Atlas.open(store, mode="r+").update_state("model", model)
-    if ctx is not None:
-        from .train import distributed as dist
-
-        dist.shutdown()
+    _record_model(store, model_dir, result)
     return result
+
+
+def _fit_distributed(store, model_dir, module, source, config, prep, model_config, resume, sync_dsbn, every):
+    from .train import Trainer, all_reduce_epoch_loss, load_trainer_state
+    from .train import distributed as D
+
+    if config.cuda_graphs:
+        raise ScalexError("--cuda-graphs is not supported with --distributed")
+    ctx = D.init_distributed(config.device)
+    try:
+        loader = _loader(source, config, ctx.rank, ctx.world_size, ctx.device)
+        start_state = load_trainer_state(model_dir) if resume else None
+        if resume and start_state is None:
+            raise ScalexError(f"{model_dir}: no trainer state to resume from")
+        D.check_agreement(
+            ctx,
+            D.training_fingerprint(
+                store=store, n_train=source.n_rows, preprocess_state=prep, model_config=module.hparams,
+                train_config=config, batches_per_epoch=loader.batches_per_epoch, sync_dsbn=sync_dsbn,
+                resume_iteration=None if start_state is None else start_state.iteration,
+            ),
+        )  # fmt: skip
+        ddp = D.wrap_ddp(module, ctx, sync_dsbn=sync_dsbn)
+        trainer = Trainer(module, D.rank_config(config, ctx), train_module=ddp, reduce_epoch_loss=all_reduce_epoch_loss())
+        if start_state is not None:
+            D.restore_trainer_state(trainer, start_state, ctx)
+
+        def save() -> None:
+            D.save_distributed_checkpoint(ctx, trainer, model_dir, model_config=model_config, preprocess_state=prep)
+
+        due = _every(loader, every)
+        result = trainer.fit(loader, on_epoch_end=lambda rec, tr: save() if due(rec) else None)
+        D.sync_buffers(module, ctx)
+        save()
+        if ctx.is_main:
+            _record_model(store, model_dir, result, ctx.world_size)
+        D.barrier(ctx)
+        return result
+    finally:
+        D.shutdown()
 
 
 def _load_model(model_dir: str | Path, device: str):

@@ -31,7 +31,7 @@ class PermutedWriter:
     rng
         Source of the permutation (recorded by the caller as a seed).
     bucket_values
-        Stored values per bucket held in memory at once (default 2**26: ~0.5 GB peak while shuffling).
+        Stored values per bucket held in memory at once (default 2**23: ~150 MB peak while shuffling).
     index_dtype
         ``uint16`` when there are at most 65,536 features, else ``int32``.
     """
@@ -42,7 +42,7 @@ class PermutedWriter:
         expected_values: int,
         rng: np.random.Generator,
         *,
-        bucket_values: int = 1 << 26,
+        bucket_values: int = 1 << 23,
         index_dtype: type = np.uint16,
     ) -> None:
         self.dir = Path(spill_dir)

@@ -131,7 +131,7 @@ def preprocess(
     client: Any = None,
     scheduler: str | None = None,
     n_workers: int | None = None,
-    bucket_values: int = 1 << 26,
+    bucket_values: int = 1 << 23,
 ) -> PreprocessState:
     """Preprocess an atlas: QC filters, normalization, feature selection, scaling; write the training matrix.
 

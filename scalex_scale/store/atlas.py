@@ -145,20 +145,26 @@ class Atlas:
     def obs_names(self) -> pd.Index:
         return self.obs.index
 
+    @cached_property
+    def batch(self) -> pd.Categorical:
+        """``obs['batch']``, read alone (not the whole obs: it is large at millions of cells)."""
+        if "obs" in self.__dict__:
+            return pd.Categorical(self.obs["batch"]) if "batch" in self.obs else pd.Categorical([])
+        obs = self.root["obs"]
+        return read_elem(obs["batch"]) if "batch" in obs else pd.Categorical([])
+
     @property
     def batch_categories(self) -> list[str]:
-        if "batch" not in self.obs:
-            return []
-        return [str(c) for c in self.obs["batch"].cat.categories]
+        return [str(c) for c in self.batch.categories]
 
     @property
     def batch_codes(self) -> np.ndarray:
-        return self.obs["batch"].cat.codes.to_numpy().astype(np.int32)
+        return np.asarray(self.batch.codes, dtype=np.int32)
 
     def refresh(self) -> None:
         """Forget cached obs/var after a write."""
-        self.__dict__.pop("obs", None)
-        self.__dict__.pop("var", None)
+        for key in ("obs", "var", "batch"):
+            self.__dict__.pop(key, None)
 
     # ------------------------------------------------------------------ state JSON
     @property
@@ -247,11 +253,22 @@ class Atlas:
         self.consolidate()
 
     def write_obs_columns(self, columns: dict[str, Any]) -> None:
-        """Add or replace obs columns (atomically: the obs group is rewritten aside and swapped in)."""
-        obs = self.obs.copy()
+        """Add or replace obs columns without reading or rewriting the rest of obs.
+
+        Each column is written aside and swapped in, then listed in ``column-order``: a failure leaves obs readable.
+        """
+        obs = self.root["obs"]
         for name, values in columns.items():
-            obs[name] = values
-        self.write_obs(obs)
+            values = np.asarray(values)
+            if values.shape != (self.n_obs,):
+                raise ValueError(f"obs column {name!r} has shape {values.shape}, expected ({self.n_obs},)")
+            write_elem(obs, f"{name}__new", values)
+            swap_dirs(self.path / "obs" / f"{name}__new", self.path / "obs" / name)
+            order = list(obs.attrs.get("column-order", []))
+            if name not in order:
+                obs.attrs["column-order"] = order + [name]
+        self.refresh()
+        self.consolidate()
 
     def write_obs(self, obs: pd.DataFrame) -> None:
         write_elem(self.root, "obs__new", obs)

@@ -80,6 +80,7 @@ __all__ = [
     "DistributedContext",
     "ENV_VARS",
     "LAUNCH_HINT",
+    "barrier",
     "check_agreement",
     "distributed_session",
     "distributed_trainer_state",
@@ -255,6 +256,14 @@ def init_distributed(
         kwargs["device_id"] = dev  # binds the NCCL communicator to this GPU eagerly
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
     return DistributedContext(rank, world_size, local_rank, dev, backend)
+
+
+def barrier(ctx: DistributedContext) -> None:
+    """Wait until every rank gets here (on CUDA, for this rank's device)."""
+    if ctx.device.type == "cuda":
+        dist.barrier(device_ids=[ctx.device.index])
+    else:
+        dist.barrier()
 
 
 def shutdown() -> None:

@@ -1,0 +1,131 @@
+"""Shared benchmark plumbing: machine description, versions, git commit, result files, stage subprocesses."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("scalex-scale", "torch", "triton", "numpy", "numba", "zarr", "anndata", "dask", "scanpy", "pynndescent", "scikit-learn")
+
+
+def cpu_model() -> str:
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def total_ram_gb() -> float | None:
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        return round(kb / 2**20, 1)
+    except (OSError, AttributeError):
+        return None
+
+
+def gpu_name() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "ram_gb": total_ram_gb(),
+        "gpu_name": gpu_name(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def machine_label(info: dict[str, Any] | None = None) -> str:
+    info = info or machine_info()
+    name = info["gpu_name"] or f"{info['cpu_model']}-{info['cpu_cores']}c"
+    return re.sub(r"[^A-Za-z0-9.]+", "-", str(name)).strip("-").lower()
+
+
+def versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def results_dir(out: str | None = None) -> Path:
+    path = Path(out) if out else REPO / "bench" / "results" / machine_label()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def header() -> dict[str, Any]:
+    return {"machine": machine_info(), "versions": versions(), "git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path.write_text(json.dumps({**header(), **payload}, indent=2, default=str) + "\n")
+    return path
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+RESULT_TAG = "__STAGE_RESULT__"
+
+
+def run_stage(stage: str, args: dict[str, Any], *, python: str = sys.executable, timeout: float | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``bench/_stages.py STAGE`` in a fresh process; return its result with wall time and peak RSS.
+
+    Output of the child streams to our stderr (progress stays visible). A failure, a timeout or a kill (e.g. out of
+    memory) is returned as ``{"status": "failed" | "timeout", ...}``, not raised.
+    """
+    cmd = [python, str(REPO / "bench" / "_stages.py"), stage, json.dumps(args)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return {"stage": stage, "status": "timeout", "wall_s": time.perf_counter() - t0, "timeout_s": timeout}
+    wall = time.perf_counter() - t0
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            result = json.loads(line[len(RESULT_TAG) :])
+        else:
+            print(line, file=sys.stderr)
+    if proc.returncode != 0 or result is None:
+        return {"stage": stage, "status": "failed", "returncode": proc.returncode, "wall_s": wall}
+    return {"stage": stage, "status": "ok", "process_wall_s": wall, **result}
