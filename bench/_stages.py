@@ -7,8 +7,11 @@ throughput. Used by ``bench_preprocess.py`` and ``run_scaling.py`` so every stag
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does (see scalex_scale/cli.py)
 from pathlib import Path
 from typing import Any
 
