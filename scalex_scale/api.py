@@ -22,7 +22,13 @@ from .store.errors import PreprocessError, ScalexError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IntegrateResult", "ProjectReport", "embed", "fit", "ingest", "integrate", "preprocess", "project"]
+from .annotate import transfer
+from .evaluation import evaluate
+
+__all__ = [
+    "IntegrateResult", "ProjectReport", "embed", "evaluate", "fit", "ingest", "integrate", "preprocess", "project",
+    "transfer",
+]  # fmt: skip
 
 
 def _n_workers() -> int:

@@ -191,7 +191,13 @@ def exact_knn_rows(X: np.ndarray, rows: np.ndarray, k: int, *, n_jobs: int | Non
     if not 1 <= k < X.shape[0]:
         raise ValueError(f"k must be in [1, n_cells - 1] = [1, {X.shape[0] - 1}], got {k}")
     index = _exact_index(X)
-    q_order = np.argsort(rows, kind="stable")  # ascending ids: some locality, cheap
+    tree_order = _tree_order(index)
+    if tree_order is not None:  # process the rows in the tree's leaf order (cache locality)
+        position = np.empty(X.shape[0], dtype=np.int64)
+        position[tree_order] = np.arange(X.shape[0])
+        q_order = np.argsort(position[rows], kind="stable")
+    else:
+        q_order = None
     return _exact_query(index, X[rows], k, n_jobs, self_rows=rows, order=q_order)
 
 

@@ -36,7 +36,7 @@ from numba import float32, float64, int32, int64, prange
 
 from ._silhouette import silhouette_samples_subset
 from ._utils import as_float_matrix, as_generator, check_lengths, encode_labels, numba_threads
-from .knn import KNNMethod, knn as _knn
+from .knn import KNNMethod, exact_knn_rows, knn as _knn
 from .paper import silhouette
 
 __all__ = [
@@ -61,6 +61,67 @@ KNNLike = tuple[np.ndarray, np.ndarray]
 # ---------------------------------------------------------------------------------------------
 
 
+def _neighbourhoods(
+    X: np.ndarray | None,
+    knn: KNNLike | None,
+    n_cols: int,
+    n: int,
+    *,
+    cells: np.ndarray | None = None,
+    sample_size: int | None = None,
+    method: KNNMethod = "auto",
+    rng: np.random.Generator | int | None = None,
+    n_jobs: int | None = None,
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Neighbourhoods of the scored cells: ``(cells, indices, distances)``.
+
+    ``cells`` is None when every cell is scored (row i of the graph = cell i); otherwise the
+    sorted int64 ids of the scored cells (row r of the graph = cell ``cells[r]``). Indices are
+    global cell ids, self excluded, exactly ``n_cols`` columns.
+
+    - ``knn`` given: used as is (its rows are ``cells`` if given, else all n cells);
+    - else ``cells`` given, or ``sample_size < n`` (uniform draw without replacement from
+      ``rng``): exact neighbours of those cells among all cells (kd-tree);
+    - else the full graph by :func:`scalex_scale.metrics.knn.knn` with ``method``.
+    """
+    if cells is not None:
+        cells = np.asarray(cells, dtype=np.int64)
+        if cells.ndim != 1 or (cells.size and (cells.min() < 0 or cells.max() >= n)):
+            raise ValueError(f"cells must be a 1-d array of cell ids in [0, {n})")
+    if knn is not None:
+        indices, distances = knn
+        indices = np.asarray(indices)
+        distances = np.asarray(distances)
+        rows = n if cells is None else cells.size
+        if indices.shape != distances.shape or indices.shape[0] != rows:
+            raise ValueError(
+                f"knn indices {indices.shape} and distances {distances.shape} must both be (n_rows={rows}, k)"
+            )
+        if indices.shape[1] < n_cols:
+            raise ValueError(
+                f"knn has {indices.shape[1]} neighbour columns but {n_cols} are needed "
+                f"(n_neighbors counts the cell itself: {n_cols + 1})"
+            )
+        return (
+            cells,
+            np.ascontiguousarray(indices[:, :n_cols], dtype=np.int64),
+            np.ascontiguousarray(distances[:, :n_cols], dtype=np.float32),
+        )
+    if X is None:
+        raise ValueError("pass either X or a precomputed knn")
+    X = as_float_matrix(X, np.float32)
+    if X.shape[0] != n:
+        raise ValueError(f"X has {X.shape[0]} rows but the labels have {n}")
+    k = min(n_cols, n - 1)
+    if cells is None and sample_size is not None and sample_size < n:
+        cells = np.sort(as_generator(rng).choice(n, size=sample_size, replace=False)).astype(np.int64)
+    if cells is not None:
+        idx, dist = exact_knn_rows(X, cells, k, n_jobs=n_jobs)
+        return cells, idx, dist
+    idx, dist = _knn(X, k, method=method, rng=rng, n_jobs=n_jobs)
+    return None, idx, dist
+
+
 def _get_knn(
     X: np.ndarray | None,
     knn: KNNLike | None,
@@ -71,35 +132,9 @@ def _get_knn(
     rng: np.random.Generator | int | None,
     n_jobs: int | None,
 ) -> KNNLike:
-    """Return (indices, distances) with exactly ``n_cols`` neighbour columns (self excluded)."""
-    if knn is not None:
-        indices, distances = knn
-        indices = np.asarray(indices)
-        distances = np.asarray(distances)
-        if indices.shape != distances.shape or indices.shape[0] != n:
-            raise ValueError(
-                f"knn indices {indices.shape} and distances {distances.shape} must both be (n_cells={n}, k)"
-            )
-        if indices.shape[1] < n_cols:
-            raise ValueError(
-                f"knn has {indices.shape[1]} neighbour columns but {n_cols} are needed "
-                f"(n_neighbors counts the cell itself: {n_cols + 1})"
-            )
-        return (
-            np.ascontiguousarray(indices[:, :n_cols], dtype=np.int64),
-            np.ascontiguousarray(distances[:, :n_cols], dtype=np.float32),
-        )
-    if X is None:
-        raise ValueError("pass either X or a precomputed knn")
-    return _knn(X, min(n_cols, n - 1), method=method, rng=rng, n_jobs=n_jobs)
-
-
-def _n_obs(X: np.ndarray | None, knn: KNNLike | None) -> int:
-    if X is not None:
-        return int(np.shape(X)[0])
-    if knn is None:
-        raise ValueError("pass either X or a precomputed knn")
-    return int(np.shape(knn[0])[0])
+    """Full graph of all n cells with exactly ``n_cols`` columns (self excluded)."""
+    _, idx, dist = _neighbourhoods(X, knn, n_cols, n, method=method, rng=rng, n_jobs=n_jobs)
+    return idx, dist
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +219,8 @@ def lisi(
     labels: Any,
     *,
     knn: KNNLike | None = None,
+    cells: np.ndarray | None = None,
+    sample_size: int | None = None,
     perplexity: float = 30.0,
     n_neighbors: int | None = None,
     tol: float = 1e-5,
@@ -207,9 +244,16 @@ def lisi(
     X
         (n, d) embedding, or ``None`` when ``knn`` is given.
     labels
-        (n,) batch labels (iLISI) or cell-type labels (cLISI).
+        (n,) batch labels (iLISI) or cell-type labels (cLISI), for all cells.
     knn
-        Optional precomputed ``(indices, distances)``, self excluded, >= ``n_neighbors - 1`` columns.
+        Optional precomputed ``(indices, distances)``, self excluded, >= ``n_neighbors - 1``
+        columns: rows for all n cells, or for the cells ``cells``.
+    cells
+        Score only these cells (sorted ids): the rows of ``knn``, or, without ``knn``, the cells
+        whose exact neighbourhoods among all cells are computed.
+    sample_size
+        Without ``knn``/``cells``: score a uniform random subset of this many cells (exact
+        neighbourhoods in the full data; the median over >= 1e5 cells moves by ~1e-3).
     perplexity
         Target perplexity (Harmony default 30).
     n_neighbors
@@ -223,16 +267,17 @@ def lisi(
 
     Returns
     -------
-    float64 array (n,) of per-cell LISI.
+    float64 array of per-cell LISI: (n,), or (len(cells),) for the scored cells.
     """
-    n = _n_obs(X, knn)
-    check_lengths(n, labels=labels)
     codes, cats = encode_labels(labels)
+    n = codes.size
     if perplexity <= 0:
         raise ValueError(f"perplexity must be positive, got {perplexity}")
     if n_neighbors is None:
         n_neighbors = int(3 * perplexity)
-    idx, dist = _get_knn(X, knn, n_neighbors - 1, n, method=method, rng=rng, n_jobs=n_jobs)
+    _, idx, dist = _neighbourhoods(
+        X, knn, n_neighbors - 1, n, cells=cells, sample_size=sample_size, method=method, rng=rng, n_jobs=n_jobs
+    )
     with numba_threads(n_jobs):
         simpson = _simpson_index(dist, idx, codes, int(cats.size), float(perplexity), float(tol), int(n_iter))
     return 1.0 / simpson
@@ -243,6 +288,8 @@ def ilisi(
     batches: Any,
     *,
     knn: KNNLike | None = None,
+    cells: np.ndarray | None = None,
+    sample_size: int | None = None,
     perplexity: float = 30.0,
     n_neighbors: int | None = None,
     scale: bool = True,
@@ -255,9 +302,21 @@ def ilisi(
     ``scale=False``: the raw median (1 .. n_batches), as scib's ``ilisi_graph(scale=False)`` and
     Harmony papers report it. ``scale=True`` (default): ``(median - 1) / (n_batches - 1)`` in
     [0, 1], as scib and scib-metrics ``ilisi_knn``. NaNs are ignored in the median.
+    ``knn``, ``cells``, ``sample_size`` and the rest: see :func:`lisi`.
     """
     codes, cats = encode_labels(batches)
-    per_cell = lisi(X, codes, knn=knn, perplexity=perplexity, n_neighbors=n_neighbors, method=method, rng=rng, n_jobs=n_jobs)
+    per_cell = lisi(
+        X,
+        codes,
+        knn=knn,
+        cells=cells,
+        sample_size=sample_size,
+        perplexity=perplexity,
+        n_neighbors=n_neighbors,
+        method=method,
+        rng=rng,
+        n_jobs=n_jobs,
+    )
     med = float(np.nanmedian(per_cell))
     if not scale:
         return med
@@ -270,6 +329,8 @@ def clisi(
     labels: Any,
     *,
     knn: KNNLike | None = None,
+    cells: np.ndarray | None = None,
+    sample_size: int | None = None,
     perplexity: float = 30.0,
     n_neighbors: int | None = None,
     scale: bool = True,
@@ -281,10 +342,21 @@ def clisi(
 
     ``scale=False``: raw median (1 = pure neighbourhoods, lower is better). ``scale=True``
     (default): ``(n_labels - median) / (n_labels - 1)`` in [0, 1], higher is better, as scib
-    and scib-metrics ``clisi_knn``.
+    and scib-metrics ``clisi_knn``. Other parameters: see :func:`lisi`.
     """
     codes, cats = encode_labels(labels)
-    per_cell = lisi(X, codes, knn=knn, perplexity=perplexity, n_neighbors=n_neighbors, method=method, rng=rng, n_jobs=n_jobs)
+    per_cell = lisi(
+        X,
+        codes,
+        knn=knn,
+        cells=cells,
+        sample_size=sample_size,
+        perplexity=perplexity,
+        n_neighbors=n_neighbors,
+        method=method,
+        rng=rng,
+        n_jobs=n_jobs,
+    )
     med = float(np.nanmedian(per_cell))
     if not scale:
         return med
@@ -347,6 +419,8 @@ def kbet(
     batches: Any,
     *,
     knn: KNNLike | None = None,
+    cells: np.ndarray | None = None,
+    sample_size: int | None = None,
     n_neighbors: int = 50,
     alpha: float = 0.05,
     method: KNNMethod = "auto",
@@ -361,26 +435,43 @@ def kbet(
     batch frequencies) by Pearson's chi-square, ``dof = n_batches - 1``,
     ``p = chi2.sf(stat, dof)``; the acceptance rate is the fraction with ``p >= alpha``.
 
-    Differences from R kBET: every cell is tested (R tests a random 10% by default), no
+    By default every cell is tested; ``cells`` / ``sample_size`` test a subset (with exact
+    neighbourhoods among all cells), as R kBET does (it tests a random 10% by default). No
     ``adapt``/heuristic choice of k0 and no per-component handling.
+
+    Parameters
+    ----------
+    X
+        (n, d) embedding, or None with ``knn``.
+    batches
+        (n,) batch labels of all cells.
+    knn, cells, sample_size, method, rng, n_jobs
+        Neighbourhoods, as in :func:`lisi`.
+    n_neighbors
+        Neighbourhood size counting the cell (scib-metrics Benchmarker: 50).
+    alpha
+        Significance level.
 
     Returns
     -------
     KBETResult
+        Statistics and p-values of the tested cells.
     """
     from scipy.stats import chi2
 
-    n = _n_obs(X, knn)
-    check_lengths(n, batches=batches)
     codes, cats = encode_labels(batches)
+    n = codes.size
     if cats.size < 2:
         raise ValueError("kBET needs at least two batches")
     if n_neighbors < 2:
         raise ValueError(f"n_neighbors (counting the cell) must be >= 2, got {n_neighbors}")
-    idx, _ = _get_knn(X, knn, n_neighbors - 1, n, method=method, rng=rng, n_jobs=n_jobs)
+    tested, idx, _ = _neighbourhoods(
+        X, knn, n_neighbors - 1, n, cells=cells, sample_size=sample_size, method=method, rng=rng, n_jobs=n_jobs
+    )
     frac = np.bincount(codes, minlength=cats.size) / n
+    self_codes = codes if tested is None else codes[tested]
     with numba_threads(n_jobs):
-        stats = _kbet_statistics(codes, idx, codes, frac.astype(np.float64))
+        stats = _kbet_statistics(np.ascontiguousarray(self_codes), idx, codes, frac.astype(np.float64))
     p = chi2.sf(stats, cats.size - 1)
     return KBETResult(float(np.mean(p >= alpha)), stats, p)
 
@@ -394,40 +485,42 @@ def _kbet_k0(batch_codes_in_label: np.ndarray) -> int:
 
 def _same_label_neighbours(
     X: np.ndarray | None,
-    rows: np.ndarray,
+    label_rows: np.ndarray,
+    tested: np.ndarray,
+    tested_nbrs: np.ndarray | None,
     label_codes: np.ndarray,
     lab: int,
     need: int,
-    knn_idx: np.ndarray | None,
     n_jobs: int | None,
 ) -> np.ndarray:
-    """Global ids of the ``need`` nearest same-label cells of each cell in ``rows`` (self excluded).
+    """Global ids of the ``need`` nearest same-label cells of each ``tested`` cell (self excluded).
 
-    From the global graph when a row holds at least ``need`` same-label neighbours (exact when
-    the graph is exact: those are the nearest same-label cells); otherwise by an exact query
-    among the label's cells.
+    ``label_rows``: sorted ids of all cells of the label; ``tested``: the tested cells (a subset);
+    ``tested_nbrs``: their rows of a global kNN graph, or None. A tested cell with at least
+    ``need`` same-label cells among its graph neighbours takes the first ``need`` (exactly its
+    nearest same-label cells when the graph is exact); the others are queried exactly against a
+    kd-tree of the label's cells.
     """
-    m = rows.size
+    m = tested.size
     out = np.empty((m, need), dtype=np.int64)
     bad = np.ones(m, dtype=bool)
-    if knn_idx is not None:
-        nb = knn_idx[rows]
-        same = label_codes[nb] == lab
+    if tested_nbrs is not None:
+        same = label_codes[tested_nbrs] == lab
         ok = same.sum(axis=1) >= need
         if ok.any():
             order = np.argsort(~same[ok], axis=1, kind="stable")[:, :need]
-            out[ok] = np.take_along_axis(nb[ok], order, axis=1)
+            out[ok] = np.take_along_axis(tested_nbrs[ok], order, axis=1)
         bad = ~ok
     if bad.any():
         if X is None:
             raise ValueError("kbet_per_label needs X when the knn graph lacks same-label neighbours")
         from .knn import _exact_index, _exact_query
 
-        Xl = np.ascontiguousarray(X[rows], dtype=np.float32)
+        Xl = np.ascontiguousarray(X[label_rows], dtype=np.float32)
         index = _exact_index(Xl)
-        local = np.flatnonzero(bad).astype(np.int64)
+        local = np.searchsorted(label_rows, tested[bad]).astype(np.int64)
         li, _ = _exact_query(index, Xl[local], need, n_jobs, self_rows=local)
-        out[bad] = rows[li]
+        out[bad] = label_rows[li]
     return out
 
 
@@ -437,22 +530,29 @@ def kbet_per_label(
     labels: Any,
     *,
     knn: KNNLike | None = None,
+    cells: np.ndarray | None = None,
+    max_cells_per_label: int | None = None,
     alpha: float = 0.05,
     min_cells: int = 10,
+    rng: np.random.Generator | int | None = None,
     n_jobs: int | None = None,
     return_per_label: bool = False,
 ) -> float | tuple[float, pd.DataFrame]:
     """kBET per cell type, averaged (scib ``kBET`` / scib-metrics ``kbet_per_label``).
 
     For each label with at least ``min_cells`` cells and at least two batches (others are
-    skipped, NaN): ``k0 = min(70, max(10, floor(mean cells per present batch / 4)))``; each cell's
-    neighbourhood is the cell plus its ``k0 - 1`` nearest cells **of the same label** (Euclidean
-    in ``X``); expected counts use the label's own batch frequencies, ``dof`` = batches present
-    in the label - 1. The label's score is the acceptance rate (1 - kBET rejection rate); the
-    result is the mean over scored labels (``nanmean``).
+    skipped, NaN): ``k0 = min(70, max(10, floor(mean cells per present batch / 4)))``; each tested
+    cell's neighbourhood is the cell plus its ``k0 - 1`` nearest cells **of the same label**
+    (Euclidean in ``X``); expected counts use the label's own batch frequencies (all its cells),
+    ``dof`` = batches present in the label - 1. The label's score is the acceptance rate
+    (1 - kBET rejection rate) over its tested cells; the result is the ``nanmean`` over labels.
 
-    Same-label neighbours come from ``knn`` (if given) for cells with enough same-label
-    neighbours among its columns, and from an exact kd-tree over the label otherwise.
+    Tested cells: all cells of the label by default; the label's members of ``cells`` when
+    given (labels without any member of ``cells`` test all their cells); or, with
+    ``max_cells_per_label``, a uniform subsample of at most that many (R kBET itself tests a
+    random 10%). Same-label neighbours come from ``knn`` (rows = all cells, or ``cells``) when a
+    tested cell has enough same-label neighbours among its columns, and from an exact kd-tree over
+    the label otherwise.
 
     Differences from scib / scib-metrics, documented on purpose:
     - neighbours are Euclidean in the embedding, restricted to the label; scib-metrics uses
@@ -461,47 +561,71 @@ def kbet_per_label(
     - no connected-component rule (scib: components smaller than ``3 * k0`` are dropped and the
       label scores 0 if fewer than 75% of its cells remain). With Euclidean neighbours the
       label's cells are always "connected", so this rule has no analogue;
-    - every cell is tested, no ``adapt`` heuristics.
+    - no ``adapt`` heuristics.
 
     Returns
     -------
     float
         Mean acceptance rate over labels (NaN if no label could be scored).
     pandas.DataFrame
-        If ``return_per_label``: columns ``label``, ``n_cells``, ``k0``, ``kBET``.
+        If ``return_per_label``: columns ``label``, ``n_cells``, ``n_tested``, ``k0``, ``kBET``.
     """
     from scipy.stats import chi2
 
-    n = _n_obs(X, knn)
-    check_lengths(n, batches=batches, labels=labels)
     bcodes, bcats = encode_labels(batches)
     lcodes, lcats = encode_labels(labels)
+    n = lcodes.size
+    check_lengths(n, batches=bcodes)
     if X is not None:
         X = as_float_matrix(X, np.float32)
+        check_lengths(n, X=X)
     knn_idx = None
+    row_of = None
+    if cells is not None:
+        cells = np.asarray(cells, dtype=np.int64)
+        if knn is not None and len(knn[0]) != cells.size:
+            raise ValueError(f"knn has {len(knn[0])} rows but cells has {cells.size}")
+        row_of = np.full(n, -1, dtype=np.int64)
+        row_of[cells] = np.arange(cells.size)
     if knn is not None:
         knn_idx = np.asarray(knn[0])
-        if knn_idx.shape[0] != n:
+        if cells is None and knn_idx.shape[0] != n:
             raise ValueError(f"knn has {knn_idx.shape[0]} rows, expected {n}")
+    gen = as_generator(rng)
     rows_by_label = np.argsort(lcodes, kind="stable")
     bounds = np.zeros(lcats.size + 1, dtype=np.int64)
     np.cumsum(np.bincount(lcodes, minlength=lcats.size), out=bounds[1:])
     records = []
     for lab in range(lcats.size):
-        rows = rows_by_label[bounds[lab] : bounds[lab + 1]]
+        rows = rows_by_label[bounds[lab] : bounds[lab + 1]]  # sorted ids (stable argsort)
         b = bcodes[rows]
         present = np.unique(b)
         if rows.size < min_cells or present.size < 2:
-            records.append((lcats[lab], rows.size, 0, np.nan))
+            records.append((lcats[lab], rows.size, 0, 0, np.nan))
             continue
         k0 = _kbet_k0(b)
-        nbrs = _same_label_neighbours(X, rows, lcodes, lab, k0 - 1, knn_idx, n_jobs)
+        tested = rows
+        graph_rows = None
+        if row_of is not None:
+            in_cells = row_of[rows] >= 0
+            if in_cells.any():
+                tested = rows[in_cells]
+                graph_rows = row_of[tested]
+        elif max_cells_per_label is not None and rows.size > max_cells_per_label:
+            tested = np.sort(gen.choice(rows, size=max_cells_per_label, replace=False))
+        if knn_idx is not None:
+            if graph_rows is None and row_of is None:
+                graph_rows = tested
+            tested_nbrs = knn_idx[graph_rows] if graph_rows is not None else None
+        else:
+            tested_nbrs = None
+        nbrs = _same_label_neighbours(X, rows, tested, tested_nbrs, lcodes, lab, k0 - 1, n_jobs)
         frac = np.bincount(b, minlength=bcats.size) / rows.size
         with numba_threads(n_jobs):
-            stats = _kbet_statistics(b, nbrs, bcodes, frac.astype(np.float64))
+            stats = _kbet_statistics(np.ascontiguousarray(bcodes[tested]), nbrs, bcodes, frac.astype(np.float64))
         p = chi2.sf(stats, present.size - 1)
-        records.append((lcats[lab], rows.size, k0, float(np.mean(p >= alpha))))
-    df = pd.DataFrame(records, columns=["label", "n_cells", "k0", "kBET"])
+        records.append((lcats[lab], rows.size, tested.size, k0, float(np.mean(p >= alpha))))
+    df = pd.DataFrame(records, columns=["label", "n_cells", "n_tested", "k0", "kBET"])
     score = float(np.nanmean(df["kBET"])) if df["kBET"].notna().any() else float("nan")
     return (score, df) if return_per_label else score
 
@@ -542,9 +666,8 @@ def graph_connectivity(
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import connected_components
 
-    n = _n_obs(X, knn)
-    check_lengths(n, labels=labels)
     codes, cats = encode_labels(labels)
+    n = codes.size
     idx, _ = _get_knn(X, knn, n_neighbors - 1, n, method=method, rng=rng, n_jobs=n_jobs)
     k = idx.shape[1]
     pos = np.full(n, -1, dtype=np.int64)

@@ -41,14 +41,15 @@ RANGE_VALUES = 1 << 22
 
 
 @lru_cache(maxsize=8)
-def _x_arrays(path: str) -> tuple[zarr.Array, zarr.Array, zarr.Array, int]:
+def _x_arrays(path: str, n_obs: int) -> tuple[zarr.Array, zarr.Array, zarr.Array, int]:
+    """X's arrays, opened once per process and atlas size (an append changes the size, so reopens)."""
     x = zarr.open_group(path, mode="r", use_consolidated=False)["X"]
     return x["indptr"], x["indices"], x["data"], int(x.attrs["shape"][1])
 
 
-def read_atlas_rows(path: str, start: int, stop: int) -> sp.csr_matrix:
-    """Raw counts of atlas rows ``[start, stop)``; opens the store once per process (works on dask workers)."""
-    indptr, indices, data, n_vars = _x_arrays(path)
+def read_atlas_rows(path: str, start: int, stop: int, n_obs: int) -> sp.csr_matrix:
+    """Raw counts of atlas rows ``[start, stop)`` of an atlas of ``n_obs`` cells (works on dask workers)."""
+    indptr, indices, data, n_vars = _x_arrays(path, n_obs)
     ptr = np.asarray(indptr[start : stop + 1])
     a, b = int(ptr[0]), int(ptr[-1])
     return sp.csr_matrix(
@@ -56,9 +57,9 @@ def read_atlas_rows(path: str, start: int, stop: int) -> sp.csr_matrix:
     )
 
 
-def _fold_ranges(path: str, ranges: Sequence[tuple[int, int]], codes: Sequence[np.ndarray], fn: PassFn, empty):
+def _fold_ranges(path: str, n_obs: int, ranges: Sequence[tuple[int, int]], codes: Sequence[np.ndarray], fn: PassFn, empty):
     acc = empty()
-    extras = [fn(read_atlas_rows(path, a, b), c, acc) for (a, b), c in zip(ranges, codes, strict=True)]
+    extras = [fn(read_atlas_rows(path, a, b, n_obs), c, acc) for (a, b), c in zip(ranges, codes, strict=True)]
     return acc, extras
 
 
@@ -87,6 +88,10 @@ class DaskRunner:
     n_workers: int = 2
 
     @property
+    def n_obs(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
     def _parallelism(self) -> int:
         if self.client is not None:
             return max(1, sum(self.client.nthreads().values()))
@@ -105,14 +110,14 @@ class DaskRunner:
         bounds = np.linspace(0, len(self.ranges), n_parts + 1).astype(int)
         parts = [self.ranges[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
         fold = dask.delayed(_fold_ranges, pure=False)
-        results = self._compute([fold(self.path, p, self._codes(p), fn, empty) for p in parts])
+        results = self._compute([fold(self.path, self.n_obs, p, self._codes(p), fn, empty) for p in parts])
         acc = tree_merge([r[0] for r in results])
         return acc, [e for r in results for e in r[1]]
 
     def map_ordered(self, fn: Callable[[sp.csr_matrix, np.ndarray], Any]) -> Iterator[Any]:
         """``fn(rows, codes)`` of every range, in order, computed a few ranges ahead (bounded memory)."""
         wave = 2 * self._parallelism
-        task = dask.delayed(lambda path, a, b, c: fn(read_atlas_rows(path, a, b), c), pure=False)
+        task = dask.delayed(lambda path, a, b, c: fn(read_atlas_rows(path, a, b, self.n_obs), c), pure=False)
         for w in range(0, len(self.ranges), wave):
             batch = self.ranges[w : w + wave]
             yield from self._compute([task(self.path, a, b, c) for (a, b), c in zip(batch, self._codes(batch), strict=True)])

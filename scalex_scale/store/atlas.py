@@ -233,6 +233,13 @@ class Atlas:
             raise AtlasFormatError(f"{self.path}: has no training matrix; run `scalex-scale preprocess {self.path}`")
         return TrainingMatrix(self.root[f"{STATE_GROUP}/train"], n_domains=len(self.batch_categories))
 
+    def obs_column(self, name: str) -> Any:
+        """One obs column, read alone (categorical, numeric or string array)."""
+        if "obs" in self.__dict__:
+            return self.obs[name].to_numpy() if name in self.obs else None
+        obs = self.root["obs"]
+        return read_elem(obs[name]) if name in obs else None
+
     def obsm_keys(self) -> list[str]:
         return sorted(self.root["obsm"].array_keys())
 
@@ -259,7 +266,8 @@ class Atlas:
         """
         obs = self.root["obs"]
         for name, values in columns.items():
-            values = np.asarray(values)
+            if not isinstance(values, pd.Categorical | pd.api.extensions.ExtensionArray):
+                values = np.asarray(values)
             if values.shape != (self.n_obs,):
                 raise ValueError(f"obs column {name!r} has shape {values.shape}, expected ({self.n_obs},)")
             write_elem(obs, f"{name}__new", values)
