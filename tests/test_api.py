@@ -122,3 +122,48 @@ def test_cli_pipeline(synthetic, tmp_path, capsys):
     assert "150 features" in out and "latent" in out
     assert main(["preprocess", str(tmp_path / "missing.zarr")]) == 2
     assert "no such atlas" in capsys.readouterr().err
+
+
+def test_training_mixes_batches(trained):
+    """The latent mixes batches clearly better than the model input itself (PCA to the same 10 dimensions)."""
+    from sklearn.decomposition import PCA
+
+    from scalex_scale.metrics import batch_entropy_mixing_score
+
+    _, out, _, _ = trained
+    atlas = Atlas.open(out.atlas)
+    tm = atlas.training_matrix()
+    indptr, indices, data, batch = tm.read(0, tm.n_rows)
+    import scipy.sparse as sp
+
+    x = sp.csr_matrix((data.astype(np.float32), indices.astype(np.int32), indptr), shape=(tm.n_rows, tm.n_features))
+    raw = PCA(10, random_state=0).fit_transform(x.toarray())
+    latent = ad.read_zarr(out.atlas).obsm["latent"][tm.cells]
+    kw = dict(n_neighbors=30, n_pools=20, n_samples_per_pool=100, rng=0)
+    mixed, before = batch_entropy_mixing_score(latent, batch, **kw), batch_entropy_mixing_score(raw, batch, **kw)
+    assert mixed > before + 0.1, (mixed, before)
+    hist = Atlas.open(out.atlas).state["model"]
+    assert hist["best_loss"] < float("inf")
+
+
+def test_transfer_and_evaluate(trained, tmp_path):
+    import shutil
+
+    _, out, ref, query = trained
+    atlas = tmp_path / "atlas.zarr"
+    shutil.copytree(out.atlas, atlas)
+    api.project(atlas, out.model_dir, [query], batch_key="batch")
+    qname = str(query.obs["batch"].iloc[0])
+    summary = api.transfer(atlas, "celltype", k=10)
+    a = ad.read_zarr(atlas)
+    is_q = (a.obs["batch"] == qname).to_numpy() & a.obs["scalex_qc_pass"].to_numpy(bool)
+    assert summary.n_query == is_q.sum() and set(summary.metrics) >= {"ARI", "NMI", "f1_macro"}
+    assert a.obs["celltype_transfer"][is_q].notna().all() and a.obs["celltype_transfer"][~is_q].isna().all()
+    conf = a.obs["celltype_transfer_confidence"].to_numpy()
+    assert np.all((conf[is_q] >= 0) & (conf[is_q] <= 1)) and np.isnan(conf[~is_q]).all()
+    report = api.evaluate(atlas, label_key="celltype", out=tmp_path / "report", umap=False)
+    for key in ("batch_entropy_mixing", "silhouette", "ilisi", "kbet", "graph_connectivity", "transfer_ARI"):
+        assert key in report.metrics
+    assert (tmp_path / "report" / "metrics.json").exists() and (tmp_path / "report" / "confusion.csv").exists()
+    with pytest.raises(Exception, match="no batch 'nope'"):
+        api.transfer(atlas, "celltype", query_batches=["nope"])

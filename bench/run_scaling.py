@@ -1,0 +1,180 @@
+"""Runtime and memory vs number of cells (the paper's Fig. 1e), scalex-scale and optionally the reference.
+
+    python bench/run_scaling.py [--sizes 10000,50000,250000,1000000] [--device auto|cpu|cuda] [--reference]
+                                [--max-iterations 30000] [--out bench/results/<machine>]
+
+For every size: one synthetic atlas (same generator, config and seed for every tool), then each stage in a fresh
+process, recording wall time, peak RSS (peak GPU memory on CUDA) and throughput:
+ingest (generate + write the store), preprocess, fit (the method's schedule: 30,000 iterations at batch 64, or
+fewer if early stopping fires), embed, transfer (labels of the last batch from the others), evaluate (no UMAP).
+With ``--reference``, the reference package (scalex 1.0.4, venv made by ``bench/make_reference_env.sh``) runs
+on the same data written as .h5ad (its one call does preprocessing + training + embedding); a size whose run
+exceeds ``--reference-timeout`` is recorded as such (and larger sizes are skipped for it), not dropped.
+
+Writes ``scaling.json`` and ``scaling.csv`` (one row per tool, size and stage) and, when matplotlib is
+installed, ``scaling_runtime.png`` and ``scaling_memory.png`` (log-log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import REPO, results_dir, write_json  # noqa: E402
+from _env import run_stage as _run_stage  # noqa: E402
+
+STAGES = ("ingest", "preprocess", "fit", "embed", "transfer", "evaluate")
+REF_PY = REPO / "bench" / ".ref-venv" / "bin" / "python"
+
+
+def log(t0: float, text: str) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def run_ours(n: int, args: argparse.Namespace, work: Path, t0: float) -> list[dict]:
+    store, model = str(work / f"atlas_{n}.zarr"), str(work / f"model_{n}")
+    data = {"n_cells": n, "n_genes": args.n_genes, "genes_per_cell": args.genes_per_cell, "n_batches": args.n_batches, "seed": args.seed}
+    common = {"store": store, "model_dir": model, "device": args.device}
+    plan = [
+        ("ingest", "synthetic", {**data, "store": store}),
+        ("preprocess", "preprocess", {"store": store, "min_features": args.min_features}),
+        ("fit", "fit", {**common, "max_iterations": args.max_iterations, "seed": args.seed, "precision": args.precision}),
+        ("embed", "embed", common),
+        ("transfer", "transfer", {"store": store, "label_key": "celltype", "query_batches": [f"batch{args.n_batches - 1}"]}),
+        ("evaluate", "evaluate", {"store": store, "label_key": "celltype", "seed": args.seed}),
+    ]
+    rows = []
+    for name, stage, stage_args in plan:
+        log(t0, f"scalex-scale  {n:>9,} cells  {name} ...")
+        r = _run_stage(stage, stage_args)
+        rows.append({**r, "tool": "scalex-scale", "n_cells": n, "stage": name})
+        log(t0, f"scalex-scale  {n:>9,} cells  {name}: {r.get('status')} {r.get('wall_s', 0):.1f} s, {r.get('peak_rss_mb', 0):,.0f} MB")
+        if r.get("status") != "ok":
+            break
+    if not args.keep:
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.rmtree(model, ignore_errors=True)
+    return rows
+
+
+def run_reference(n: int, args: argparse.Namespace, work: Path, t0: float) -> list[dict]:
+    import subprocess
+
+    h5ad, out = work / f"data_{n}.h5ad", work / f"ref_{n}"
+    data = {"n_cells": n, "n_genes": args.n_genes, "genes_per_cell": args.genes_per_cell, "n_batches": args.n_batches, "seed": args.seed, "path": str(h5ad)}
+    log(t0, f"reference     {n:>9,} cells  writing .h5ad ...")
+    w = _run_stage("synthetic_h5ad", data)
+    if w.get("status") != "ok":
+        return [{**w, "tool": "reference", "n_cells": n, "stage": "total"}]
+    cmd = [str(REF_PY), str(REPO / "bench" / "reference_runner.py"), "fit", "--input", str(h5ad), "--outdir", str(out),
+           "--max-iteration", str(args.max_iterations), "--seed", str(args.seed), "--min-features", str(args.min_features),
+           "--num-workers", "0", "--no-eval-latent"]  # fmt: skip
+    log(t0, f"reference     {n:>9,} cells  fit (preprocess + train + embed) ...")
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.reference_timeout)
+        status = "ok" if proc.returncode == 0 else "failed"
+        err = proc.stderr[-2000:] if proc.returncode else None
+    except subprocess.TimeoutExpired:
+        status, err = "budget_exceeded", f"over the {args.reference_timeout} s time budget"
+    wall = time.perf_counter() - start
+    rows = []
+    run = json.loads((out / "run.json").read_text()) if status == "ok" and (out / "run.json").exists() else {}
+    if run:
+        rss = run.get("peak_rss_mb") or run.get("memory", {}).get("peak_rss_self_mb")
+        for stage, key in (("preprocess", "preprocess_seconds"), ("fit", "train_seconds"), ("embed", "embed_seconds")):
+            if key in run:
+                rows.append({"tool": "reference", "n_cells": n, "stage": stage, "status": "ok", "wall_s": run[key], "peak_rss_mb": rss})
+        rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": "ok", "wall_s": wall, "peak_rss_mb": rss, "iterations": run.get("iterations")})
+    else:
+        rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": status, "wall_s": wall, "error": err})
+    log(t0, f"reference     {n:>9,} cells  {status} in {wall:.0f} s")
+    if not args.keep:
+        shutil.rmtree(out, ignore_errors=True)
+        h5ad.unlink(missing_ok=True)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    cols = ["tool", "n_cells", "stage", "status", "wall_s", "peak_rss_mb", "peak_gpu_mb", "cells_per_s", "iterations"]
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(out: Path, rows: list[dict]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    files = []
+    for metric, fname, label in (("wall_s", "scaling_runtime.png", "wall time (s)"), ("peak_rss_mb", "scaling_memory.png", "peak RSS (MB)")):
+        fig, ax = plt.subplots(figsize=(7, 5))
+        series = sorted({(r["tool"], r["stage"]) for r in rows if r.get("status") == "ok" and r.get(metric)})
+        for tool, stage in series:
+            pts = sorted((r["n_cells"], r[metric]) for r in rows if r["tool"] == tool and r["stage"] == stage and r.get("status") == "ok" and r.get(metric))
+            ax.plot(*zip(*pts, strict=True), marker="o", linestyle="-" if tool == "scalex-scale" else "--", label=f"{tool}: {stage}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("cells")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=110)
+        plt.close(fig)
+        files.append(str(out / fname))
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="10000,50000,250000,1000000")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--reference", action="store_true", help="also run scalex 1.0.4 (bench/.ref-venv)")
+    p.add_argument("--reference-timeout", type=float, default=4 * 3600, help="time budget of one reference run (s)")
+    p.add_argument("--max-iterations", type=int, default=30_000)
+    p.add_argument("--n-genes", type=int, default=5000)
+    p.add_argument("--genes-per-cell", type=int, default=1000)
+    p.add_argument("--n-batches", type=int, default=8)
+    p.add_argument("--min-features", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=str(REPO / "bench" / "_work" / "scaling"))
+    p.add_argument("--keep", action="store_true", help="keep atlases, models and .h5ad files")
+    p.add_argument("--out", default=None, help="results directory (default bench/results/<machine>)")
+    args = p.parse_args(argv)
+    if args.reference and not REF_PY.exists():
+        p.error(f"{REF_PY} is missing: run bench/make_reference_env.sh first")
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args.out)
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    ref_failed = False
+    for n in [int(s) for s in args.sizes.split(",")]:
+        rows += run_ours(n, args, work, t0)
+        if args.reference and not ref_failed:
+            ref = run_reference(n, args, work, t0)
+            rows += ref
+            ref_failed = any(r.get("status") != "ok" for r in ref)
+        elif args.reference:
+            rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": "skipped_after_budget"})
+    write_csv(out / "scaling.csv", rows)
+    files = plot(out, rows)
+    write_json(out / "scaling.json", {"benchmark": "scaling", "settings": vars(args), "results": rows, "plots": files})
+    log(t0, f"wrote {out / 'scaling.json'}, {out / 'scaling.csv'} {' '.join(files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
