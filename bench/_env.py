@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("scalex-scale", "torch", "triton", "numpy", "numba", "zarr", "anndata", "dask", "scanpy", "pynndescent", "scikit-learn")
+PACKAGES = (
+    "scalex-scale", "torch", "triton", "numpy", "scipy", "numba", "zarr", "anndata", "dask", "scanpy", "pynndescent",
+    "scikit-learn",
+)  # fmt: skip
 
 
 def cpu_model() -> str:
@@ -44,10 +47,31 @@ def gpu_name() -> str | None:
         return None
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (CPU affinity, e.g. a container's cpuset), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def torch_threads() -> int | None:
+    """torch's intra-op thread count in this process (None without torch)."""
+    try:
+        import torch
+
+        return torch.get_num_threads()
+    except ImportError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     return {
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "torch_threads": torch_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "ram_gb": total_ram_gb(),
         "gpu_name": gpu_name(),
         "platform": platform.platform(),
@@ -55,9 +79,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def machine_label(info: dict[str, Any] | None = None) -> str:
+def machine_label(info: dict[str, Any] | None = None, *, device: str | None = None) -> str:
+    """Results-folder name: the GPU's name, else ``<cpu model>-<cores>c``; ``device="cpu"`` names the CPU even on a
+    GPU host, so a CPU run does not land on (and overwrite) the GPU run's files."""
     info = info or machine_info()
-    name = info["gpu_name"] or f"{info['cpu_model']}-{info['cpu_cores']}c"
+    gpu = info["gpu_name"] if device != "cpu" else None
+    name = gpu or f"{info['cpu_model']}-{info['cpu_cores']}c"
     return re.sub(r"[^A-Za-z0-9.]+", "-", str(name)).strip("-").lower()
 
 
@@ -82,8 +109,9 @@ def git_commit() -> str | None:
     return r.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def results_dir(out: str | None = None) -> Path:
-    path = Path(out) if out else REPO / "bench" / "results" / machine_label()
+def results_dir(out: str | Path | None = None, *, device: str | None = None) -> Path:
+    """``out``, else ``bench/results/<machine_label(device=device)>``; created if missing."""
+    path = Path(out) if out else REPO / "bench" / "results" / machine_label(device=device)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -19,18 +19,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import RESULT_TAG, peak_rss_mb  # noqa: E402
 
 
-def stage_synthetic(a: dict[str, Any]) -> dict[str, Any]:
-    """Generate a synthetic atlas straight into a store, chunk by chunk (flat memory)."""
-    import shutil
+def _synthetic_config(a: dict[str, Any]):
+    """The SyntheticConfig of the ``synthetic`` and ``synthetic_h5ad`` stages (same args, same data)."""
+    from scalex_scale.datasets import SyntheticConfig
 
-    from scalex_scale.datasets import SyntheticConfig, synthetic_chunks, synthetic_var
-    from scalex_scale.store import from_chunks, ingest
-
-    cfg = SyntheticConfig(
+    return SyntheticConfig(
         n_cells=a["n_cells"], n_genes=a.get("n_genes", 5000), n_batches=a.get("n_batches", 8),
         n_celltypes=a.get("n_celltypes", 12), mean_genes_per_cell=a.get("genes_per_cell", 500),
         seed=a.get("seed", 0), chunk_size=a.get("chunk_size", 20_000),
     )  # fmt: skip
+
+
+def stage_synthetic(a: dict[str, Any]) -> dict[str, Any]:
+    """Generate a synthetic atlas straight into a store, chunk by chunk (flat memory)."""
+    import shutil
+
+    from scalex_scale.datasets import synthetic_chunks, synthetic_var
+    from scalex_scale.store import from_chunks, ingest
+
+    cfg = _synthetic_config(a)
     shutil.rmtree(a["store"], ignore_errors=True)
     src = from_chunks(lambda: synthetic_chunks(cfg), synthetic_var(cfg).index, n_obs=cfg.n_cells, name="synthetic")
     t0 = time.perf_counter()
@@ -41,13 +48,9 @@ def stage_synthetic(a: dict[str, Any]) -> dict[str, Any]:
 
 def stage_synthetic_h5ad(a: dict[str, Any]) -> dict[str, Any]:
     """The same synthetic data (same config and seed as ``synthetic``) as one .h5ad, for the reference package."""
-    from scalex_scale.datasets import SyntheticConfig, make_synthetic
+    from scalex_scale.datasets import make_synthetic
 
-    cfg = SyntheticConfig(
-        n_cells=a["n_cells"], n_genes=a.get("n_genes", 5000), n_batches=a.get("n_batches", 8),
-        n_celltypes=a.get("n_celltypes", 12), mean_genes_per_cell=a.get("genes_per_cell", 500),
-        seed=a.get("seed", 0), chunk_size=a.get("chunk_size", 20_000),
-    )  # fmt: skip
+    cfg = _synthetic_config(a)
     t0 = time.perf_counter()
     adata = make_synthetic(cfg)
     adata.uns.clear()

@@ -28,13 +28,9 @@ Writes ``bench/results/<machine>/distributed.json`` unless ``--out`` is given.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
-import re
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,69 +42,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-# ---------------------------------------------------------------------- machine info
-def cpu_model() -> str:
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu_model": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "gpu_name": None,
-        "gpu_count": 0,
-    }
-    if device == "cuda":
-        info["gpu_name"] = torch.cuda.get_device_name(0)
-        info["gpu_count"] = torch.cuda.device_count()
-    return info
-
-
-def machine_label(info: dict[str, Any]) -> str:
-    name = info["gpu_name"] or f"{info['cpu_model']}-{info['cpu_cores']}c"
-    return re.sub(r"[^A-Za-z0-9.]+", "-", str(name)).strip("-").lower()
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def git_dirty() -> bool | None:
-    try:
-        out = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import machine_info, results_dir, usable_cores, versions, write_json  # noqa: E402
 
 
 def free_port() -> int:
@@ -278,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{max(processes)} processes need as many GPUs; {torch.cuda.device_count()} visible")
     if args.omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # inherited by the spawned processes
-    info = machine_info(args.device)
-    cores = info["usable_cores"]
+    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    cores = usable_cores()
     batch_modes: list[tuple[str, Any]] = [("fixed_per_rank_batch", args.per_rank_batch)]
     if args.global_batch:
         bad = [n for n in processes if args.global_batch % n]
@@ -315,25 +250,18 @@ def main(argv: list[str] | None = None) -> int:
 
     payload = {
         "benchmark": "data-parallel training throughput (DDP + Trainer + sharded loader), cells/s over all processes",
-        "machine": info,
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "scalex_scale": package_version("scalex-scale"),
-            "gloo": dist.is_gloo_available(),
-            "nccl": dist.is_nccl_available(),
-        },
-        "git_commit": git_commit(),
-        "git_dirty": git_dirty(),
+        # _env's machine description (taken at the end) plus what this benchmark needs; git_commit comes from _env
+        "machine": {**machine_info(), "load_average_at_start": load_at_start,
+                    "gpu_count": torch.cuda.device_count() if args.device == "cuda" else 0},
+        "versions": {**versions(), "gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available()},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model": {"n_hidden": 1024, "n_latent": 10, "n_features": args.n_features, "n_domains": args.n_domains},
         "results": results,
         "notes": NOTES,
     }
-    out = args.out or REPO / "bench" / "results" / machine_label(info) / "distributed.json"
+    out = args.out or results_dir(device=args.device) / "distributed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(out, payload)
     print(f"wrote {out}")
     return 0
 

@@ -20,13 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.metadata
-import json
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +31,9 @@ import torch
 
 from scalex_scale.kernels import dsbn, dsbn_loop_reference, dsbn_reference, triton_available
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import results_dir, write_json  # noqa: E402
+
 DsbnFn = Callable[..., torch.Tensor]
 
 
@@ -69,51 +65,6 @@ class Result:
     ms_min: float
     repeats: int
     speedup_vs_loop: float | None = None
-
-
-# ---------------------------------------------------------------------------------------------------- machine info
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict[str, object]:
-    info: dict[str, object] = {
-        "cpu_model": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "gpu_name": None,
-    }
-    if device.type == "cuda":
-        info["gpu_name"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def machine_label(info: dict[str, object]) -> str:
-    name = info["gpu_name"] or f"{info['cpu_model']}-{info['cpu_cores']}c"
-    return re.sub(r"[^A-Za-z0-9.]+", "-", str(name)).strip("-").lower()
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 # --------------------------------------------------------------------------------------------------------- timing
@@ -204,23 +155,14 @@ def run_all(cfg: BenchConfig) -> list[Result]:
 
 
 # ------------------------------------------------------------------------------------------------------ output
-def write_results(out_dir: Path, results: list[Result], cfg: BenchConfig, info: dict[str, object]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_results(out_dir: Path, results: list[Result], cfg: BenchConfig) -> None:
+    """``dsbn.json`` (with the machine, versions and git commit of ``_env.header``) and ``dsbn.csv``."""
     payload = {
         "benchmark": "dsbn forward+backward (training mode), ms per call",
-        "machine": info,
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "triton": package_version("triton"),
-            "numpy": package_version("numpy"),
-            "scalex_scale": package_version("scalex-scale"),
-        },
-        "git_commit": git_commit(),
         "config": {**asdict(cfg), "device": str(cfg.device), "dtype": str(cfg.dtype)},
         "results": [asdict(r) for r in results],
     }
-    (out_dir / "dsbn.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(out_dir / "dsbn.json", payload)
     with open(out_dir / "dsbn.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(asdict(results[0]).keys()) if results else ["method"])
         writer.writeheader()
@@ -263,10 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = build_config(args)
-    info = machine_info(cfg.device)
     results = run_all(cfg)
-    out_dir = args.out if args.out is not None else REPO / "bench" / "results" / machine_label(info)
-    write_results(out_dir, results, cfg, info)
+    write_results(results_dir(args.out, device=cfg.device.type), results, cfg)
     return 0
 
 

@@ -20,14 +20,9 @@ whether that worked.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
-import resource
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,14 +30,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy
 import torch
 import zarr
 
 from scalex_scale.data import InMemorySource, LoaderConfig, TrainingLoader, TrainingSource
 from scalex_scale.data.samplers import ShardSampler, batch_composition_tv
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _env import REPO, machine_info, peak_rss_mb, results_dir, write_json  # noqa: E402
+
 CHUNK = 2**20
 
 
@@ -186,60 +182,6 @@ def tv_report(domains: np.ndarray, batch_size: int, shard_size: int, buffer_shar
     }
 
 
-# ---------------------------------------------------------------------- environment
-def machine_info() -> dict[str, object]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return {
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu_model": model,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "load_average_1m": os.getloadavg()[0],
-        "memory_bytes": mem,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-def versions() -> dict[str, str]:
-    import scalex_scale
-
-    return {
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "torch": torch.__version__,
-        "zarr": zarr.__version__,
-        "scalex_scale": getattr(scalex_scale, "__version__", "unknown"),
-    }
-
-
-def git_state() -> dict[str, object]:
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True)
-            return out.stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
-
-
 # ---------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -253,7 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads for the densify")
     p.add_argument("--quick", action="store_true", help="200k cells (unless --n-cells) and 6 s per measurement")
-    p.add_argument("--machine", default=None, help="results folder name (default: hostname)")
+    p.add_argument("--machine", default=None, help="results folder name (default: _env.machine_label())")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/<machine>/loader.json)")
     p.add_argument("--workdir", type=Path, default=REPO / "bench" / "_work", help="where the zarr store is written")
     p.add_argument("--keep-store", action="store_true", help="do not delete the zarr store afterwards")
@@ -306,10 +248,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         shutil.rmtree(store, ignore_errors=True)
     return {
         "benchmark": "loader",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(),
-        "versions": versions(),
-        "git": git_state(),
+        "machine": {**machine_info(), "hostname": socket.gethostname()},  # versions, git_commit, date: _env.write_json
         "config": {
             **asdict(spec),
             "nnz": int(len(arrays[1])),
@@ -324,17 +263,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         },
         "results": results,
         "batch_composition_tv": tv,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = run(args)
-    machine = args.machine or re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())
-    out = args.out or REPO / "bench" / "results" / machine / "loader.json"
+    out = args.out or results_dir(REPO / "bench" / "results" / args.machine if args.machine else None) / "loader.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     print(f"wrote {out}")
 
 
