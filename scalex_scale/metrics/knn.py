@@ -13,10 +13,11 @@ Two engines:
 
 ``method="auto"`` picks ``"exact"`` when ``n <= EXACT_MAX_CELLS`` (any dimension) or when the
 dimension is at most :data:`KD_TREE_MAX_DIM` and ``n <= KD_TREE_MAX_CELLS``, and
-``"nndescent"`` otherwise. Measured on a clustered 10-d latent (one core, k = 89): at 100k cells
-the kd-tree (~12 CPU-s) and NN-descent (~18 CPU-s, plus ~20 s of per-process numba compilation)
-are on par; at 300k-1M NN-descent is 2-3x cheaper (~60 CPU-s at 300k, ~220 at 1M vs ~560 for the
-kd-tree, whose cache misses grow with n).
+``"nndescent"`` otherwise. Measured on the benchmark's clustered 10-d latent, k = 89, CPU
+seconds on one core: 100k cells, kd-tree ~12 and NN-descent ~18 (plus ~20 s of per-process numba
+compilation); 300k, NN-descent ~60; 1M, kd-tree ~560 (tree-ordered queries, extrapolated) and
+NN-descent ~220 (extrapolated; ~340 measured on loaded cores). The kd-tree slows per query as n
+grows (cache misses); NN-descent needs more memory (3.4 GB peak at 1M x 90 neighbours).
 
 Memory: the outputs are ``int64`` indices and ``float32`` distances of shape (n, k); nothing of
 size n x n is ever formed.

@@ -13,6 +13,14 @@ every ``n_neighbors`` argument below **counts the cell itself** (as scib-metrics
 and uses the first ``n_neighbors - 1`` columns of the graph. Defaults: LISI 90 (Harmony:
 ``3 * perplexity``), kBET 50, graph connectivity 15 (the scib-metrics Benchmarker's).
 
+Scoring a subset of cells
+-------------------------
+LISI and kBET are per-cell quantities summarized by a median / mean, so at atlas scale they can
+score a uniform random subset of cells (``sample_size=`` or ``cells=``) whose neighbourhoods are
+still **exact** among all cells: the full 89-neighbour graph of 1M cells is never built (see
+:class:`scalex_scale.metrics.evaluate.EvaluateConfig.neighborhood_sample_size`). Graph
+connectivity is a property of the whole graph and always needs all cells.
+
 Metrics
 -------
 - :func:`lisi`, :func:`ilisi`, :func:`clisi`: Korsunsky et al. (Harmony) LISI.
