@@ -167,3 +167,26 @@ def test_transfer_and_evaluate(trained, tmp_path):
     assert (tmp_path / "report" / "metrics.json").exists() and (tmp_path / "report" / "confusion.csv").exists()
     with pytest.raises(Exception, match="no batch 'nope'"):
         api.transfer(atlas, "celltype", query_batches=["nope"])
+
+
+def test_cli_fit_distributed_under_torchrun(synthetic, tmp_path):
+    """`scalex-scale fit --distributed` launched by torchrun (2 Gloo processes), then resumed and embedded."""
+    import os
+    import subprocess
+    import sys
+
+    a = synthetic[:600].copy()
+    store = str(tmp_path / "s.zarr")
+    api.ingest(store, [a], batch_key="batch")
+    api.preprocess(store, min_features=100, n_top_features=100)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "scalex_scale.cli"]
+    fit = ["fit", store, str(tmp_path / "m"), "--distributed", "--sync-dsbn", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run([*base, *fit, "--max-iterations", "12"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = Atlas.open(store).state["model"]
+    assert state["world_size"] == 2 and state["n_iterations"] == 12
+    proc = subprocess.run([*base, *fit, "--max-iterations", "20", "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Atlas.open(store).state["model"]["n_iterations"] > 12
+    assert api.embed(store, tmp_path / "m", device="cpu") > 0
