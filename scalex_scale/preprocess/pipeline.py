@@ -63,6 +63,11 @@ def _fold_ranges(path: str, n_obs: int, ranges: Sequence[tuple[int, int]], codes
     return acc, extras
 
 
+def _map_range(path: str, n_obs: int, start: int, stop: int, codes: np.ndarray, fn: Callable[[sp.csr_matrix, np.ndarray], Any]) -> Any:
+    # module-level (not a closure over the runner): tasks must pickle for dask.distributed workers
+    return fn(read_atlas_rows(path, start, stop, n_obs), codes)
+
+
 @dataclass
 class DaskRunner:
     """Runs a pass over atlas row ranges as dask tasks (one task per partition of contiguous ranges).
@@ -117,10 +122,11 @@ class DaskRunner:
     def map_ordered(self, fn: Callable[[sp.csr_matrix, np.ndarray], Any]) -> Iterator[Any]:
         """``fn(rows, codes)`` of every range, in order, computed a few ranges ahead (bounded memory)."""
         wave = 2 * self._parallelism
-        task = dask.delayed(lambda path, a, b, c: fn(read_atlas_rows(path, a, b, self.n_obs), c), pure=False)
+        task = dask.delayed(_map_range, pure=False)
         for w in range(0, len(self.ranges), wave):
             batch = self.ranges[w : w + wave]
-            yield from self._compute([task(self.path, a, b, c) for (a, b), c in zip(batch, self._codes(batch), strict=True)])
+            codes = self._codes(batch)
+            yield from self._compute([task(self.path, self.n_obs, a, b, c, fn) for (a, b), c in zip(batch, codes, strict=True)])
 
 
 def preprocess(
