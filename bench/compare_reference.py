@@ -99,52 +99,60 @@ def _run(cmd: list[str], log: Path, env: dict | None = None) -> float:
     return wall
 
 
-def ref_fit(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, fresh: bool) -> Path:
-    """reference_runner.py fit; returns outdir (latent.npy, latent_eval.npy, obs.csv, run.json)."""
+def cached_run(outdir: Path, fresh: bool, run) -> Path:
+    """Run ``run()`` into a fresh ``outdir`` unless an earlier run completed there (marker file ``done``)."""
     if (outdir / "done").exists() and not fresh:
         return outdir
     shutil.rmtree(outdir, ignore_errors=True)
     outdir.mkdir(parents=True)
+    (outdir / "done").write_text(json.dumps(run()))
+    return outdir
+
+
+def ref_fit_cmd(inp: Path, outdir: Path, seed: int, iterations: int, threads: int) -> list[str]:
+    """``reference_runner.py fit`` with the comparison SETTINGS."""
     cmd = [str(REF_PY), str(REF_RUNNER), "fit", "--input", str(inp), "--outdir", str(outdir), "--seed", str(seed),
            "--max-iteration", str(iterations), "--num-workers", "0", "--min-features", str(SETTINGS["min_features"]),
            "--min-cells", str(SETTINGS["min_cells"]), "--n-top-features", str(SETTINGS["n_top_features"]),
            "--batch-size", str(SETTINGS["batch_size"]), "--lr", str(SETTINGS["lr"])]
+    return cmd + (["--threads", str(threads)] if threads else [])
+
+
+def ours_integrate(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, **preprocess):
+    """scalex-scale's ``api.integrate`` with the comparison SETTINGS (in this process)."""
+    import torch
+
     if threads:
-        cmd += ["--threads", str(threads)]
-    wall = _run(cmd, outdir.parent / f"{outdir.name}.log")
-    (outdir / "done").write_text(json.dumps({"wall_seconds_subprocess": wall, "cmd": cmd}))
-    return outdir
+        torch.set_num_threads(threads)
+    from scalex_scale import api
+    from scalex_scale.train import TrainConfig
+
+    cfg = TrainConfig(max_iterations=iterations, batch_size=SETTINGS["batch_size"], lr=SETTINGS["lr"], seed=seed,
+                      progress=False)
+    return api.integrate([inp], outdir, batch_key="batch", train=cfg, min_features=SETTINGS["min_features"],
+                         min_cells=SETTINGS["min_cells"], n_top_features=SETTINGS["n_top_features"], **preprocess)
+
+
+def ref_fit(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, fresh: bool) -> Path:
+    """reference_runner.py fit; returns outdir (latent.npy, latent_eval.npy, obs.csv, run.json)."""
+    cmd = ref_fit_cmd(inp, outdir, seed, iterations, threads)
+    return cached_run(outdir, fresh, lambda: {"wall_seconds_subprocess": _run(cmd, outdir.parent / f"{outdir.name}.log"), "cmd": cmd})
 
 
 def ours_fit(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, fresh: bool) -> Path:
     """This script's ``_ours`` subcommand in a fresh process: api.integrate; writes latent.npy, obs.csv, run.json."""
-    if (outdir / "done").exists() and not fresh:
-        return outdir
-    shutil.rmtree(outdir, ignore_errors=True)
-    outdir.mkdir(parents=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "_ours", "--input", str(inp), "--outdir", str(outdir),
            "--seed", str(seed), "--iterations", str(iterations), "--threads", str(threads)]
-    wall = _run(cmd, outdir.parent / f"{outdir.name}.log")
-    (outdir / "done").write_text(json.dumps({"wall_seconds_subprocess": wall, "cmd": cmd}))
-    return outdir
+    return cached_run(outdir, fresh, lambda: {"wall_seconds_subprocess": _run(cmd, outdir.parent / f"{outdir.name}.log"), "cmd": cmd})
 
 
 def cmd_ours(a) -> None:
     """Internal: integrate one .h5ad with scalex-scale and dump the latent in the reference runner's layout."""
-    import torch
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    from scalex_scale import api
     from scalex_scale.store import Atlas
-    from scalex_scale.train import TrainConfig
 
     outdir = Path(a.outdir)
-    cfg = TrainConfig(max_iterations=a.iterations, batch_size=SETTINGS["batch_size"], lr=SETTINGS["lr"], seed=a.seed,
-                      progress=False)
     t0 = time.perf_counter()
-    res = api.integrate([a.input], outdir / "run", batch_key="batch", train=cfg, min_features=SETTINGS["min_features"],
-                        min_cells=SETTINGS["min_cells"], n_top_features=SETTINGS["n_top_features"])
+    res = ours_integrate(a.input, outdir / "run", a.seed, a.iterations, a.threads)
     wall = time.perf_counter() - t0
     atlas = Atlas.open(res.atlas)
     lat = np.asarray(atlas.root["obsm"]["latent"][:], dtype=np.float32)

@@ -46,7 +46,9 @@ import pandas as pd  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _env import results_dir, write_json  # noqa: E402
-from compare_reference import CELLBENCH, REF_PY, REF_RUNNER, SETTINGS, _run, synthetic_h5ad  # noqa: E402
+from compare_reference import (  # noqa: E402
+    CELLBENCH, REF_PY, REF_RUNNER, SETTINGS, _run, cached_run, ours_integrate, ref_fit_cmd, synthetic_h5ad,
+)  # fmt: skip
 
 SCALE = ["batch"]  # our MaxAbs scaling (set from --scale)
 CB_REF = ["CELseq2_5cl_p1", "CELseq2_5cl_p2", "CELseq2_5cl_p3"]
@@ -85,55 +87,32 @@ def datasets(names: list[str], work: Path) -> dict:
 
 # ----------------------------------------------------------------------------------------------- runs
 def ref_run(d: dict, outdir: Path, seed: int, iterations: int, threads: int, fresh: bool) -> Path:
-    if (outdir / "done").exists() and not fresh:
-        return outdir
-    shutil.rmtree(outdir, ignore_errors=True)
-    outdir.mkdir(parents=True)
-    common = ["--seed", str(seed), "--num-workers", "0", "--min-features", str(SETTINGS["min_features"])]
-    if threads:
-        common += ["--threads", str(threads)]
-    fit = [str(REF_PY), str(REF_RUNNER), "fit", "--input", str(d["ref"]), "--outdir", str(outdir / "fit"),
-           "--max-iteration", str(iterations), "--min-cells", str(SETTINGS["min_cells"]),
-           "--n-top-features", str(SETTINGS["n_top_features"]), "--batch-size", str(SETTINGS["batch_size"]),
-           "--lr", str(SETTINGS["lr"])] + common
-    w1 = _run(fit, outdir / "fit.log")
-    proj = [str(REF_PY), str(REF_RUNNER), "project", "--input", str(d["query"]), "--model", str(outdir / "fit"),
-            "--outdir", str(outdir / "proj")] + common
-    w2 = _run(proj, outdir / "proj.log")
-    for f in ("adata.h5ad",):  # big, not needed
-        (outdir / "proj" / f).unlink(missing_ok=True)
-    (outdir / "done").write_text(json.dumps({"fit_wall_s": w1, "project_wall_s": w2}))
-    return outdir
+    def run() -> dict:
+        w1 = _run(ref_fit_cmd(d["ref"], outdir / "fit", seed, iterations, threads), outdir / "fit.log")
+        proj = [str(REF_PY), str(REF_RUNNER), "project", "--input", str(d["query"]), "--model", str(outdir / "fit"),
+                "--outdir", str(outdir / "proj"), "--seed", str(seed), "--num-workers", "0",
+                "--min-features", str(SETTINGS["min_features"])] + (["--threads", str(threads)] if threads else [])
+        w2 = _run(proj, outdir / "proj.log")
+        (outdir / "proj" / "adata.h5ad").unlink(missing_ok=True)  # big, not needed
+        return {"fit_wall_s": w1, "project_wall_s": w2}
+
+    return cached_run(outdir, fresh, run)
 
 
 def ours_run(d: dict, outdir: Path, seed: int, iterations: int, threads: int, fresh: bool) -> Path:
-    if (outdir / "done").exists() and not fresh:
-        return outdir
-    shutil.rmtree(outdir, ignore_errors=True)
-    outdir.mkdir(parents=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "_ours", "--ref", str(d["ref"]), "--query", str(d["query"]),
            "--query-batches", ",".join(d["query_batches"]), "--outdir", str(outdir), "--seed", str(seed),
            "--iterations", str(iterations), "--threads", str(threads), "--scale", SCALE[0]]
-    w = _run(cmd, outdir.parent / f"{outdir.name}.log")
-    (outdir / "done").write_text(json.dumps({"wall_s": w}))
-    return outdir
+    return cached_run(outdir, fresh, lambda: {"wall_s": _run(cmd, outdir.parent / f"{outdir.name}.log")})
 
 
 def cmd_ours(a) -> None:
-    import torch
-
-    if a.threads:
-        torch.set_num_threads(a.threads)
     from scalex_scale import api
     from scalex_scale.store import Atlas
-    from scalex_scale.train import TrainConfig
 
     out = Path(a.outdir)
-    cfg = TrainConfig(max_iterations=a.iterations, batch_size=SETTINGS["batch_size"], lr=SETTINGS["lr"], seed=a.seed,
-                      progress=False)
     t0 = time.perf_counter()
-    res = api.integrate([a.ref], out / "run", batch_key="batch", train=cfg, min_features=SETTINGS["min_features"],
-                        min_cells=SETTINGS["min_cells"], n_top_features=SETTINGS["n_top_features"], scale=a.scale)
+    res = ours_integrate(a.ref, out / "run", a.seed, a.iterations, a.threads, scale=a.scale)
     t1 = time.perf_counter()
     api.project(res.atlas, res.model_dir, [a.query], batch_key="batch")
     t2 = time.perf_counter()
