@@ -11,7 +11,8 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does (see scalex_scale/cli.py)
+if "OMP_WAIT_POLICY" not in os.environ:  # bounded OpenMP spin (see scalex_scale/cli.py)
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def _train_config(a: dict[str, Any]):
     return TrainConfig(
         max_iterations=a.get("max_iterations", 30_000), batch_size=a.get("batch_size", 64), device=a.get("device", "auto"),
         precision=a.get("precision", "fp32"), seed=a.get("seed", 0), progress=a.get("progress", False),
-        cuda_graphs=a.get("cuda_graphs", False),
+        cuda_graphs=a.get("cuda_graphs", False), compile=a.get("compile", False),
     )  # fmt: skip
 
 

@@ -11,7 +11,8 @@ Usage (our venv; the reference runs through ``bench/reference_runner.py`` with `
 Defaults: min_features 600, min_cells 3, 2000 HVGs, batch 64, lr 2e-4, SAME max_iteration for both tools
 (``--iterations``, default 3000 - a REDUCED budget, not the reference default 30,000), seeds 0,1,2, ``--jobs 2``
 runs two trainings at a time with 1 torch thread each (timings then are not speed benchmarks: see
-bench_train.py). OMP_WAIT_POLICY=PASSIVE for both tools; reference DataLoader ``--num-workers 0``.
+bench_train.py). GOMP_SPINCOUNT=10000 for both tools; reference DataLoader ``--num-workers 0``. ``--precision bf16``
+runs ours with bfloat16 autocast (cached apart, written to ``compare_reference_bf16.json``).
 Our preprocessing scales per batch (the method; our default); the reference 1.0.4 scales globally.
 
 Datasets: ``cellbench`` (/work/shared/data/cellbench_lung_celllines.h5ad, obs batch/celltype) and ``synthetic``
@@ -40,7 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "OMP_WAIT_POLICY" not in os.environ:  # bounded OpenMP spin (see scalex_scale/cli.py)
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -118,7 +120,8 @@ def ref_fit_cmd(inp: Path, outdir: Path, seed: int, iterations: int, threads: in
     return cmd + (["--threads", str(threads)] if threads else [])
 
 
-def ours_integrate(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, **preprocess):
+def ours_integrate(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, precision: str = "fp32",
+                   **preprocess):
     """scalex-scale's ``api.integrate`` with the comparison SETTINGS (in this process)."""
     import torch
 
@@ -128,7 +131,7 @@ def ours_integrate(inp: Path, outdir: Path, seed: int, iterations: int, threads:
     from scalex_scale.train import TrainConfig
 
     cfg = TrainConfig(max_iterations=iterations, batch_size=SETTINGS["batch_size"], lr=SETTINGS["lr"], seed=seed,
-                      progress=False)
+                      progress=False, precision=precision)
     return api.integrate([inp], outdir, batch_key="batch", train=cfg, min_features=SETTINGS["min_features"],
                          min_cells=SETTINGS["min_cells"], n_top_features=SETTINGS["n_top_features"], **preprocess)
 
@@ -139,10 +142,10 @@ def ref_fit(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, f
     return cached_run(outdir, fresh, lambda: {"wall_seconds_subprocess": _run(cmd, outdir.parent / f"{outdir.name}.log"), "cmd": cmd})
 
 
-def ours_fit(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, fresh: bool) -> Path:
+def ours_fit(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, fresh: bool, precision: str = "fp32") -> Path:
     """This script's ``_ours`` subcommand in a fresh process: api.integrate; writes latent.npy, obs.csv, run.json."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "_ours", "--input", str(inp), "--outdir", str(outdir),
-           "--seed", str(seed), "--iterations", str(iterations), "--threads", str(threads)]
+           "--seed", str(seed), "--iterations", str(iterations), "--threads", str(threads), "--precision", precision]
     return cached_run(outdir, fresh, lambda: {"wall_seconds_subprocess": _run(cmd, outdir.parent / f"{outdir.name}.log"), "cmd": cmd})
 
 
@@ -152,7 +155,7 @@ def cmd_ours(a) -> None:
 
     outdir = Path(a.outdir)
     t0 = time.perf_counter()
-    res = ours_integrate(a.input, outdir / "run", a.seed, a.iterations, a.threads)
+    res = ours_integrate(a.input, outdir / "run", a.seed, a.iterations, a.threads, a.precision)
     wall = time.perf_counter() - t0
     atlas = Atlas.open(res.atlas)
     lat = np.asarray(atlas.root["obsm"]["latent"][:], dtype=np.float32)
@@ -318,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--iterations", type=int, default=3000)
     o.add_argument("--threads", type=int, default=0)
+    o.add_argument("--precision", default="fp32")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="our training precision (bf16: autocast, on CUDA or a CPU with native bf16); the reference: fp32")
     p.add_argument("--datasets", default="cellbench,synthetic")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iterations", type=int, default=3000, help="max_iteration for BOTH tools (reference default 30000)")
@@ -349,14 +355,15 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append((ds, s, a.iterations))
     if a.default_schedule and "cellbench" in datasets:
         jobs.append(("cellbench", a.default_seed, 30000))
+    ours = "ours" if a.precision == "fp32" else f"ours_{a.precision}"  # run directories of our runs
     t0 = time.time()
     with cf.ThreadPoolExecutor(max_workers=a.jobs) as ex:
         futs = {}
         for ds, s, it in jobs:
             inp = data[ds][0]
-            for tool, fn in (("ref", ref_fit), ("ours", ours_fit)):
-                d = work / f"{ds}_{tool}_s{s}_it{it}"
-                futs[ex.submit(fn, inp, d, s, it, threads, a.fresh)] = (ds, s, it, tool)
+            futs[ex.submit(ref_fit, inp, work / f"{ds}_ref_s{s}_it{it}", s, it, threads, a.fresh)] = (ds, s, it, "ref")
+            futs[ex.submit(ours_fit, inp, work / f"{ds}_{ours}_s{s}_it{it}", s, it, threads, a.fresh, a.precision)] = (
+                ds, s, it, "ours")
         for f in cf.as_completed(futs):
             ds, s, it, tool = futs[f]
             try:
@@ -367,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, extra = [], []
     for ds, s, it in jobs:
-        od, rd = work / f"{ds}_ours_s{s}_it{it}", work / f"{ds}_ref_s{s}_it{it}"
+        od, rd = work / f"{ds}_{ours}_s{s}_it{it}", work / f"{ds}_ref_s{s}_it{it}"
         if not ((od / "done").exists() and (rd / "done").exists()):
             continue
         specific = list(data[ds][1].get("batch_specific_types", {}))
@@ -390,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                        "reference's own latent.npy (train-mode embedding), 'ref_eval' = eval-mode mu of the same "
                        "network (side column)",
         "budget_note": f"REDUCED budget: max_iteration = {a.iterations} for BOTH tools (reference default 30,000)",
-        "settings": {**SETTINGS, "max_iteration": a.iterations, "seeds": seeds, "jobs": a.jobs,
+        "settings": {**SETTINGS, "max_iteration": a.iterations, "seeds": seeds, "jobs": a.jobs, "our_precision": a.precision,
                      "torch_threads_per_run": threads or "default", "reference_num_workers": 0,
-                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                     "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
                      "scaling": "ours per batch (method default), reference 1.0.4 global"},
         "datasets": {ds: {k: v for k, v in info.items()} | {"path": str(path)} for ds, (path, info) in data.items()},
         "summary": summary,
@@ -400,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         "default_schedule_runs": extra,
         "quick": a.quick,
     }
-    out = Path(a.out) if a.out else (work / "compare_reference_quick.json" if a.quick else results_dir() / "compare_reference.json")
+    name = "compare_reference" if a.precision == "fp32" else f"compare_reference_{a.precision}"
+    out = Path(a.out) if a.out else (work / f"{name}_quick.json" if a.quick else results_dir() / f"{name}.json")
     write_json(out, payload)
     csv_rows = []
     for r in rows + extra:

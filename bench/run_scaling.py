@@ -9,7 +9,8 @@ ingest (generate + write the store), preprocess, fit (the method's schedule: 30,
 fewer if early stopping fires), embed, transfer (labels of the last batch from the others), evaluate (no UMAP).
 With ``--reference``, the reference package (scalex 1.0.4, venv made by ``bench/make_reference_env.sh``) runs
 on the same data written as .h5ad (its one call does preprocessing + training + embedding); a size whose run
-exceeds ``--reference-timeout`` is recorded as such (and larger sizes are skipped for it), not dropped.
+exceeds ``--reference-timeout`` or ``--reference-memory-gb`` (RSS of its process tree, polled) is recorded as such
+(and larger sizes are skipped for it), not dropped. Results are rewritten after every size.
 
 Writes ``scaling.json`` and ``scaling.csv`` (one row per tool, size and stage) and, when matplotlib is
 installed, ``scaling_runtime.png`` and ``scaling_memory.png`` (log-log).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import sys
 import time
@@ -77,12 +79,7 @@ def run_reference(n: int, args: argparse.Namespace, work: Path, t0: float) -> li
            "--num-workers", "0", "--no-eval-latent"]  # fmt: skip
     log(t0, f"reference     {n:>9,} cells  fit (preprocess + train + embed) ...")
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.reference_timeout)
-        status = "ok" if proc.returncode == 0 else "failed"
-        err = proc.stderr[-2000:] if proc.returncode else None
-    except subprocess.TimeoutExpired:
-        status, err = "budget_exceeded", f"over the {args.reference_timeout} s time budget"
+    status, err, tree_peak = run_with_budget(cmd, work / f"ref_{n}.log", args.reference_timeout, args.reference_memory_gb * 1024)
     wall = time.perf_counter() - start
     rows = []
     run = json.loads((out / "run.json").read_text()) if status == "ok" and (out / "run.json").exists() else {}
@@ -93,12 +90,60 @@ def run_reference(n: int, args: argparse.Namespace, work: Path, t0: float) -> li
                 rows.append({"tool": "reference", "n_cells": n, "stage": stage, "status": "ok", "wall_s": run[key], "peak_rss_mb": rss})
         rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": "ok", "wall_s": wall, "peak_rss_mb": rss, "iterations": run.get("iterations")})
     else:
-        rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": status, "wall_s": wall, "error": err})
+        rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": status, "wall_s": wall, "error": err,
+                     "peak_rss_mb_observed": tree_peak})
     log(t0, f"reference     {n:>9,} cells  {status} in {wall:.0f} s")
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
         h5ad.unlink(missing_ok=True)
     return rows
+
+
+def _tree_rss_mb(root: int) -> float:
+    """Resident memory (MB) of process ``root`` and all its descendants, from /proc."""
+    parent, rss = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            parent[int(d.name)] = int(fields[1])
+            rss[int(d.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    return sum(rss.get(p, 0) for p in tree) / 2**20
+
+
+def run_with_budget(cmd: list[str], log_path: Path, timeout_s: float, max_rss_mb: float) -> tuple[str, str | None, float]:
+    """Run ``cmd`` (output to ``log_path``); kill it past ``timeout_s`` or when its process tree's RSS passes
+    ``max_rss_mb`` (polled every 0.5 s). Returns (status, error text, peak tree RSS observed in MB)."""
+    import subprocess
+
+    peak, status, err = 0.0, None, None
+    with log_path.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        start = time.perf_counter()
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss_mb(proc.pid))
+            if peak > max_rss_mb:
+                status, err = "memory_budget_exceeded", f"process tree RSS {peak:,.0f} MB > budget {max_rss_mb:,.0f} MB"
+            elif time.perf_counter() - start > timeout_s:
+                status, err = "time_budget_exceeded", f"over the {timeout_s:.0f} s time budget"
+            if status:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(0.5)
+    if status is None:
+        status = "ok" if proc.returncode == 0 else "failed"
+        if proc.returncode:
+            err = log_path.read_text()[-2000:]
+    return status, err, peak
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -143,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--reference", action="store_true", help="also run scalex 1.0.4 (bench/.ref-venv)")
     p.add_argument("--reference-timeout", type=float, default=4 * 3600, help="time budget of one reference run (s)")
+    p.add_argument("--reference-memory-gb", type=float, default=20.0,
+                   help="memory budget of one reference run (its process tree's RSS), killed above it")
     p.add_argument("--max-iterations", type=int, default=30_000)
     p.add_argument("--n-genes", type=int, default=5000)
     p.add_argument("--genes-per-cell", type=int, default=1000)
@@ -169,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             ref_failed = any(r.get("status") != "ok" for r in ref)
         elif args.reference:
             rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": "skipped_after_budget"})
-    write_csv(out / "scaling.csv", rows)
-    files = plot(out, rows)
-    write_json(out / "scaling.json", {"benchmark": "scaling", "settings": vars(args), "results": rows, "plots": files})
+        # after every size, so a long run that is stopped keeps what it measured
+        write_csv(out / "scaling.csv", rows)
+        files = plot(out, rows)
+        write_json(out / "scaling.json", {"benchmark": "scaling", "settings": vars(args), "results": rows, "plots": files})
     log(t0, f"wrote {out / 'scaling.json'}, {out / 'scaling.csv'} {' '.join(files)}")
     return 0
 

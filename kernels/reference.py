@@ -1,8 +1,8 @@
 """Pure-torch Domain-Specific BatchNorm (DSBN): the vectorized reference and the original SCALEX loop.
 
 ``dsbn_reference`` is the torch backend of :func:`scalex_scale.kernels.dsbn` and the oracle the Triton kernels are
-tested against. It is vectorized over domains (per-domain counts and sums via ``index_add``, then a per-row
-gather), does no host synchronisation and has no data-dependent shapes, so it runs under
+tested against. It is vectorized over domains (per-domain counts and sums, then a per-row gather: a one-hot matrix
+product when there are few domains, ``index_add``/``index_select`` otherwise), does no host synchronisation and has no data-dependent shapes, so it runs under
 ``torch.compile(fullgraph=True)`` and CUDA-graph capture. Statistics are computed without autograd and the
 normalize + affine step is a small ``torch.autograd.Function`` with the analytic batch-norm backward (about half
 the full-size ops of differentiating through the statistics; first-order gradients only, double backward raises).
@@ -40,24 +40,52 @@ from .validation import check_dsbn_inputs
 __all__ = ["dsbn_reference", "dsbn_loop_reference"]
 
 
+# Up to this many domains, per-domain sums are one-hot matrix products (D x B x F multiply-adds, done by BLAS): on
+# a CPU that is ~3x faster than ``index_add_``'s scatter at B = 64, D = 4. Beyond it (atlases with one domain per
+# donor) the O(B x F) scatter wins. Gathers are always ``index_select`` (faster than the one-hot product).
+ONE_HOT_MAX_DOMAINS = 64
+
+
+class _Segments:
+    """Per-domain sums ``(D, F) <- (B, F)`` and per-row gathers ``(B, F) <- (D, F)`` for one domain vector.
+
+    The one-hot matrix is built by comparison (not ``F.one_hot``, whose range check syncs with the host on CUDA).
+    """
+
+    def __init__(self, dom: torch.Tensor, n_domains: int, dtype: torch.dtype) -> None:
+        self.dom = dom
+        self.n_domains = n_domains
+        self.one_hot = (
+            (dom[:, None] == torch.arange(n_domains, device=dom.device)).to(dtype)
+            if n_domains <= ONE_HOT_MAX_DOMAINS
+            else None
+        )  # (B, D)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.one_hot is not None:
+            return self.one_hot.t().mm(values)
+        return values.new_zeros(self.n_domains, values.shape[1]).index_add_(0, self.dom, values)
+
+    def gather(self, table: torch.Tensor) -> torch.Tensor:
+        return table.index_select(0, self.dom)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
 def _domain_moments(
-    xc: torch.Tensor, dom: torch.Tensor, n_domains: int
+    xc: torch.Tensor, seg: _Segments
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-domain row counts ``(D,)``, means ``(D, F)`` and sums of squared deviations ``(D, F)``.
 
     Two-pass (mean first, then centred squares) for accuracy. Empty domains get count 0, mean 0, sum 0.
     """
-    n_features = xc.shape[1]
-    counts = xc.new_zeros(n_domains).index_add_(0, dom, xc.new_ones(dom.shape[0]))
-    sums = xc.new_zeros(n_domains, n_features).index_add_(0, dom, xc)
-    mean = sums / counts.clamp_min(1.0)[:, None]
-    centred = xc - mean.index_select(0, dom)
-    sq = xc.new_zeros(n_domains, n_features).index_add_(0, dom, centred.square())
+    counts = xc.new_zeros(seg.n_domains).index_add_(0, seg.dom, xc.new_ones(seg.dom.shape[0]))
+    mean = seg.sum(xc) / counts.clamp_min(1.0)[:, None]
+    centred = xc - seg.gather(mean)
+    sq = seg.sum(centred.square())
     return counts, mean, sq
 
 
@@ -80,7 +108,7 @@ def _update_running(
 
 def _batch_statistics(
     xc: torch.Tensor,
-    dom: torch.Tensor,
+    seg: _Segments,
     running_mean: torch.Tensor,
     running_var: torch.Tensor,
     momentum: float,
@@ -91,7 +119,7 @@ def _batch_statistics(
     """
     rm = running_mean.to(xc.dtype)
     rv = running_var.to(xc.dtype)
-    counts, batch_mean, sq = _domain_moments(xc, dom, running_mean.shape[0])
+    counts, batch_mean, sq = _domain_moments(xc, seg)
     use_batch = (counts >= 2)[:, None]
     mean = torch.where(use_batch, batch_mean, rm)
     var = torch.where(use_batch, sq / counts.clamp_min(1.0)[:, None], rv)
@@ -113,7 +141,7 @@ class _DomainNormAffine(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         x: torch.Tensor,
-        dom: torch.Tensor,
+        seg: _Segments,
         weight: torch.Tensor,
         bias: torch.Tensor,
         mean: torch.Tensor,
@@ -121,22 +149,31 @@ class _DomainNormAffine(torch.autograd.Function):
         use_batch: torch.Tensor,
         counts: torch.Tensor,
     ) -> torch.Tensor:
-        xhat = (x - mean.index_select(0, dom)) * invstd.index_select(0, dom)
-        ctx.save_for_backward(xhat, dom, weight, invstd, use_batch, counts)
-        return torch.addcmul(bias.index_select(0, dom), xhat, weight.index_select(0, dom))
+        # One gather of the four (D, F) tables instead of four.
+        n_features = x.shape[1]
+        rows = seg.gather(torch.cat([invstd, -mean * invstd, weight, bias], dim=1))
+        scale, shift, w, b = rows.split(n_features, dim=1)
+        xhat = torch.addcmul(shift, x, scale)
+        ctx.seg = seg
+        ctx.save_for_backward(xhat, weight, invstd, use_batch, counts)
+        return torch.addcmul(b, xhat, w)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        xhat, dom, weight, invstd, use_batch, counts = ctx.saved_tensors
-        dbias = dy.new_zeros(weight.shape).index_add_(0, dom, dy)
-        dweight = dy.new_zeros(weight.shape).index_add_(0, dom, dy * xhat)
+        xhat, weight, invstd, use_batch, counts = ctx.saved_tensors
+        seg: _Segments = ctx.seg
+        n_features = dy.shape[1]
+        sums = seg.sum(torch.cat([dy, dy * xhat], dim=1))
+        dbias, dweight = sums.split(n_features, dim=1)
         dx = None
         if ctx.needs_input_grad[0]:
             n = counts.clamp_min(1.0)[:, None]
-            c_dy = torch.where(use_batch, dbias / n, 0.0).index_select(0, dom)
-            c_dyx = torch.where(use_batch, dweight / n, 0.0).index_select(0, dom)
-            dx = (dy - torch.addcmul(c_dy, xhat, c_dyx)) * (weight * invstd).index_select(0, dom)
+            c_dy = torch.where(use_batch, dbias / n, 0.0)
+            c_dyx = torch.where(use_batch, dweight / n, 0.0)
+            rows = seg.gather(torch.cat([c_dy, c_dyx, weight * invstd], dim=1))
+            r_dy, r_dyx, r_scale = rows.split(n_features, dim=1)
+            dx = (dy - torch.addcmul(r_dy, xhat, r_dyx)) * r_scale
         return dx, None, dweight, dbias, None, None, None, None
 
 
@@ -196,15 +233,16 @@ def dsbn_reference(
     xc = x.to(cdt)
     dom = domain.long()
     n_domains = weight.shape[0]
+    seg = _Segments(dom, n_domains, cdt)
     with torch.no_grad():
         if training:
-            mean, var, use_batch, counts = _batch_statistics(xc, dom, running_mean, running_var, momentum)
+            mean, var, use_batch, counts = _batch_statistics(xc, seg, running_mean, running_var, momentum)
         else:
             mean, var = running_mean.to(cdt), running_var.to(cdt)
             use_batch = torch.zeros(n_domains, 1, dtype=torch.bool, device=x.device)
             counts = xc.new_zeros(n_domains)
         invstd = torch.rsqrt(var + eps)
-    y = _DomainNormAffine.apply(xc, dom, weight.to(cdt), bias.to(cdt), mean, invstd, use_batch, counts)
+    y = _DomainNormAffine.apply(xc, seg, weight.to(cdt), bias.to(cdt), mean, invstd, use_batch, counts)
     return y.to(x.dtype)
 
 

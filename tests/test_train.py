@@ -20,6 +20,7 @@ from scalex_scale.train import (
     TrainConfig,
     Trainer,
     all_reduce_epoch_loss,
+    cpu_has_bf16,
     resolve_device,
 )
 
@@ -144,10 +145,29 @@ def test_device_errors_without_cuda() -> None:
         resolve_device("cuda")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         Trainer(make_module(), TrainConfig(device="cuda"))
-    with pytest.raises(ValueError, match="bf16"):
-        Trainer(make_module(), cpu_config(precision="bf16"))
     with pytest.raises(ValueError, match="cuda_graphs"):
         Trainer(make_module(), cpu_config(cuda_graphs=True))
+
+
+def test_bf16_on_cpu_needs_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    import scalex_scale.train.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match="bf16.*AVX512-BF16"):
+        Trainer(make_module(), cpu_config(precision="bf16"))
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bfloat16")
+def test_bf16_on_cpu_trains_like_fp32() -> None:
+    """bf16 autocast on CPU: weights stay float32, and the loss curve follows fp32's closely."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer(make_module(), cpu_config(precision=precision, max_iterations=60))
+        result = trainer.fit(make_loader())
+        assert all(p.dtype == torch.float32 for p in trainer.module.parameters())
+        losses[precision] = np.array([r.loss for r in result.history])
+    assert losses["bf16"][-1] < losses["bf16"][0]
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.01)
 
 
 # ---------------------------------------------------------------------------- fit

@@ -8,7 +8,7 @@ from scalex_scale.train.checkpoint import (
     load_trainer_state,
     save_checkpoint,
 )
-from scalex_scale.train.config import TrainConfig, resolve_device
+from scalex_scale.train.config import TrainConfig, cpu_has_bf16, resolve_device
 from scalex_scale.train.trainer import (
     EpochLoader,
     EpochRecord,
@@ -27,6 +27,7 @@ __all__ = [
     "Trainer",
     "TrainerState",
     "all_reduce_epoch_loss",
+    "cpu_has_bf16",
     "load_checkpoint",
     "load_trainer_state",
     "save_checkpoint",

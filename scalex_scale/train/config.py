@@ -32,8 +32,9 @@ class TrainConfig:
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         Requesting CUDA without CUDA is an error, never a silent fallback.
     precision
-        ``"fp32"``, or ``"bf16"``: bfloat16 autocast of the matmuls, CUDA only (an error on CPU);
-        the DSBN layer and the loss stay float32.
+        ``"fp32"``, or ``"bf16"``: bfloat16 autocast of the matmuls (CUDA, or a CPU with native
+        bfloat16 instructions, AVX512-BF16/AMX; an error on other CPUs); the DSBN layer, the loss
+        and the weights and optimizer state stay float32.
     compile
         Wrap the training forward (loss) in ``torch.compile``.
     cuda_graphs
@@ -93,6 +94,14 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
         return cls(**data)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bfloat16 matrix instructions (oneDNN's check: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def resolve_device(device: str) -> torch.device:

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from scalex_scale.nn.vae import LossOutput, SCALEXModule
-from scalex_scale.train.config import TrainConfig, resolve_device
+from scalex_scale.train.config import TrainConfig, cpu_has_bf16, resolve_device
 
 if TYPE_CHECKING:  # the loader layer is not needed at run time
     from scalex_scale.data.batch import CSRBatch
@@ -204,7 +204,7 @@ class Trainer:
     RuntimeError
         CUDA requested but unavailable.
     ValueError
-        ``precision="bf16"`` or ``cuda_graphs=True`` on a CPU device.
+        ``cuda_graphs=True`` on a CPU device, or ``precision="bf16"`` on a CPU without native bfloat16.
     """
 
     def __init__(
@@ -218,10 +218,10 @@ class Trainer:
         self.config = config if config is not None else TrainConfig()
         self.device = resolve_device(self.config.device)
         on_cuda = self.device.type == "cuda"
-        if self.config.precision == "bf16" and not on_cuda:
+        if self.config.precision == "bf16" and self.device.type == "cpu" and not cpu_has_bf16():
             raise ValueError(
-                f"precision='bf16' is CUDA-only (autocast), but the device is {self.device}; "
-                "use precision='fp32' on CPU"
+                "precision='bf16' on CPU needs native bfloat16 matrix instructions (AVX512-BF16 or AMX), "
+                "which this CPU lacks (emulated bf16 is slower than fp32); use precision='fp32'"
             )
         if self.config.cuda_graphs and not on_cuda:
             raise ValueError(
