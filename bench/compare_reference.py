@@ -59,13 +59,15 @@ SYNTH = dict(n_cells=4000, n_genes=3000, n_batches=4, n_celltypes=6, mean_genes_
 
 
 # ----------------------------------------------------------------------------------------------- data
-def synthetic_h5ad(workdir: Path) -> tuple[Path, dict]:
-    """Write the synthetic partially-overlapping set to an .h5ad; return its path and the presence table."""
+def synthetic_h5ad(workdir: Path, overrides: dict | None = None, name: str = "synthetic_4k") -> tuple[Path, dict]:
+    """Write the synthetic partially-overlapping set (SYNTH, updated with ``overrides``) to ``workdir/name.h5ad``;
+    return its path and the presence table."""
     from scalex_scale.datasets import SyntheticConfig, celltype_presence, make_synthetic
 
-    cfg = SyntheticConfig(**SYNTH)
+    config = {**SYNTH, **(overrides or {})}
+    cfg = SyntheticConfig(**config)
     pres = celltype_presence(cfg)
-    path = workdir / "synthetic_4k.h5ad"
+    path = workdir / f"{name}.h5ad"
     if not path.exists():
         a = make_synthetic(cfg)
         a.uns = {}
@@ -75,7 +77,7 @@ def synthetic_h5ad(workdir: Path) -> tuple[Path, dict]:
         a.write_h5ad(tmp, compression="gzip")
         os.replace(tmp, path)
     info = {
-        "config": SYNTH,
+        "config": config,
         "presence": {b: [t for t in pres.columns if pres.loc[b, t]] for b in pres.index},
         "batch_specific_types": {t: str(pres.index[pres[t]][0]) for t in pres.columns if pres[t].sum() == 1},
     }

@@ -11,8 +11,11 @@ Usage (our venv)::
 Splits:
 * CellBench (/work/shared/data/cellbench_lung_celllines.h5ad): reference = CELseq2_5cl_p1, _p2, _p3; query =
   CELseq2_3cl, Dropseq_3cl (all query types are present in the reference).
-* synthetic (the set of compare_reference.py: 4000 cells, 4 batches, 6 types, partial overlap, seed 0): query =
-  the batch holding a type absent from every other batch (batch0 / celltype5); reference = the other batches.
+* synthetic (the set of compare_reference.py: 4000 cells, 4 batches, 6 types in 2 lineages, partial overlap, seed
+  0): query = the batch holding a type absent from every other batch (batch0 / celltype5); reference = the other
+  batches. The absent type is a SIBLING of reference types (same lineage program, 2% own marker genes).
+* synthetic_distinct: the same design with every type its own lineage, so the absent type is unlike every
+  reference type (the paper's tumour / plasma cells). Written to compare_transfer_distinct.json when run alone.
 
 Reference: ``reference_runner.py fit`` on the reference split, ``project`` the query, then scikit-learn
 ``KNeighborsClassifier(n_neighbors=5)`` fitted on the reference cells' latent (the reference's own
@@ -23,9 +26,13 @@ Metrics on the query cells both tools kept: ARI, NMI, F1 (macro, over the true l
 wrong). For the absent type: fraction called 'unassigned' (ours) vs fraction mislabelled (reference: every cell of
 a type it never saw gets some reference label); and the cost: fraction of present-type query cells called
 'unassigned'. Same max_iteration for both tools (default 3000, REDUCED from the reference default 30,000),
-min_features 600, min_cells 3, 2000 HVGs, batch 64, lr 2e-4, OMP_WAIT_POLICY=PASSIVE, reference --num-workers 0.
+min_features 600, min_cells 3, 2000 HVGs, batch 64, lr 2e-4, GOMP_SPINCOUNT=10000, reference --num-workers 0.
 
-Writes ``bench/results/<machine>/compare_transfer.json``; runs cached in ``--workdir`` (``--fresh`` reruns).
+Writes ``bench/results/<machine>/compare_transfer.json``; runs cached in ``--workdir`` (``--fresh`` reruns;
+``--retransfer`` reruns only our ``api.transfer`` on the cached atlases, after a change to label transfer).
+Committed: ``compare_transfer.json`` (cellbench, synthetic), ``compare_transfer_distinct.json``
+(``--datasets synthetic_distinct``), ``compare_transfer_global.json`` (``--datasets synthetic --scale global``: our
+MaxAbs scaling global, as scalex 1.0.4 does).
 """
 from __future__ import annotations
 
@@ -48,12 +55,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _env import results_dir, write_json  # noqa: E402
 from compare_reference import (  # noqa: E402
-    CELLBENCH, REF_PY, REF_RUNNER, SETTINGS, _run, cached_run, ours_integrate, ref_fit_cmd, synthetic_h5ad,
+    CELLBENCH, REF_PY, REF_RUNNER, SETTINGS, SYNTH, _run, cached_run, ours_integrate, ref_fit_cmd, synthetic_h5ad,
 )  # fmt: skip
 
 SCALE = ["batch"]  # our MaxAbs scaling (set from --scale)
 CB_REF = ["CELseq2_5cl_p1", "CELseq2_5cl_p2", "CELseq2_5cl_p3"]
 CB_QUERY = ["CELseq2_3cl", "Dropseq_3cl"]
+# name -> (SyntheticConfig overrides of compare_reference.SYNTH, file stem). "synthetic": 2 lineages of 3 types, so
+# the absent type is a SIBLING of reference types (shares their lineage program, differs by its 2% marker genes);
+# "synthetic_distinct": every type its own lineage, so the absent type is unlike every reference type (the paper's
+# tumour / plasma cells).
+SYNTHETIC_SETS = {"synthetic": (None, "synthetic_4k"),
+                  "synthetic_distinct": ({"n_lineages": SYNTH["n_celltypes"]}, "synthetic_distinct_4k")}
 
 
 def split(inp: Path, batches: list[str], out: Path) -> Path:
@@ -70,14 +83,15 @@ def datasets(names: list[str], work: Path) -> dict:
             out[n] = {"ref": split(CELLBENCH, CB_REF, work / "cb_ref.h5ad"),
                       "query": split(CELLBENCH, CB_QUERY, work / "cb_query.h5ad"),
                       "ref_batches": CB_REF, "query_batches": CB_QUERY, "absent_types": []}
-        elif n == "synthetic":
-            path, info = synthetic_h5ad(work)
+        elif n in SYNTHETIC_SETS:
+            path, info = synthetic_h5ad(work, *SYNTHETIC_SETS[n])
+            pre = "syn" if n == "synthetic" else n
             absent = info["batch_specific_types"]  # type -> its only batch
             qb = sorted(set(absent.values()))[:1]
             allb = list(info["presence"])
             rb = [b for b in allb if b not in qb]
             present_ref = {t for b in rb for t in info["presence"][b]}
-            out[n] = {"ref": split(path, rb, work / "syn_ref.h5ad"), "query": split(path, qb, work / "syn_query.h5ad"),
+            out[n] = {"ref": split(path, rb, work / f"{pre}_ref.h5ad"), "query": split(path, qb, work / f"{pre}_query.h5ad"),
                       "ref_batches": rb, "query_batches": qb,
                       "absent_types": sorted(t for t in info["presence"][qb[0]] if t not in present_ref),
                       "presence": info["presence"]}
@@ -109,7 +123,6 @@ def ours_run(d: dict, outdir: Path, seed: int, iterations: int, threads: int, fr
 
 def cmd_ours(a) -> None:
     from scalex_scale import api
-    from scalex_scale.store import Atlas
 
     out = Path(a.outdir)
     t0 = time.perf_counter()
@@ -117,10 +130,23 @@ def cmd_ours(a) -> None:
     t1 = time.perf_counter()
     api.project(res.atlas, res.model_dir, [a.query], batch_key="batch")
     t2 = time.perf_counter()
-    qb = a.query_batches.split(",")
-    summ = api.transfer(res.atlas, "celltype", query_batches=qb, k=30)
+    summ = transfer_and_dump(res.atlas, a.query_batches.split(","), out)
     t3 = time.perf_counter()
-    atlas = Atlas.open(res.atlas)
+    (out / "run.json").write_text(json.dumps({
+        "integrate_s": t1 - t0, "project_s": t2 - t1, "transfer_s": t3 - t2,
+        "train": {"n_iterations": res.train.n_iterations, "seconds": res.train.seconds, "n_epochs": res.train.n_epochs},
+        "transfer_summary": {"n_reference": summ.n_reference, "n_query": summ.n_query, "counts": summ.counts,
+                             "metrics": summ.metrics} if hasattr(summ, "n_reference") else str(summ)}, indent=2, default=str))
+    shutil.rmtree(out / "run" / "atlas.zarr" / "layers", ignore_errors=True)
+
+
+def transfer_and_dump(store: Path, query_batches: list[str], out: Path):
+    """``api.transfer`` (k 30, defaults) on the atlas; write ``obs.csv`` and ``latent.npy`` to ``out``."""
+    from scalex_scale import api
+    from scalex_scale.store import Atlas
+
+    summ = api.transfer(store, "celltype", query_batches=query_batches, k=30)
+    atlas = Atlas.open(store)
     lat = np.asarray(atlas.root["obsm"]["latent"][:], dtype=np.float32)
     obs = atlas.obs
     df = pd.DataFrame({"cell": obs.index.astype(str), "batch": obs["batch"].astype(str).to_numpy(),
@@ -130,12 +156,7 @@ def cmd_ours(a) -> None:
                        "ok": np.isfinite(lat).all(axis=1)})
     df.to_csv(out / "obs.csv", index=False)
     np.save(out / "latent.npy", lat)
-    (out / "run.json").write_text(json.dumps({
-        "integrate_s": t1 - t0, "project_s": t2 - t1, "transfer_s": t3 - t2,
-        "train": {"n_iterations": res.train.n_iterations, "seconds": res.train.seconds, "n_epochs": res.train.n_epochs},
-        "transfer_summary": {"n_reference": summ.n_reference, "n_query": summ.n_query, "counts": summ.counts,
-                             "metrics": summ.metrics} if hasattr(summ, "n_reference") else str(summ)}, indent=2, default=str))
-    shutil.rmtree(out / "run" / "atlas.zarr" / "layers", ignore_errors=True)
+    return summ
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -216,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (each with 1 torch thread when > 1)")
     p.add_argument("--workdir", default=str(HERE / "_work" / "xfer"))
     p.add_argument("--fresh", action="store_true")
+    p.add_argument("--retransfer", action="store_true",
+                   help="rerun only our api.transfer on cached runs (after a change to label transfer; no retraining)")
     p.add_argument("--quick", action="store_true", help="smoke run: seed 0, 100 iterations, separate workdir")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -232,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     SCALE[0] = a.scale
     sfx = "" if a.scale == "batch" else f"_{a.scale}"
     data = datasets(names, work)
+    if a.retransfer:
+        for n in names:
+            for s in seeds:
+                od = work / f"{n}_ours_s{s}_it{a.iterations}{sfx}"
+                if (od / "done").exists():
+                    transfer_and_dump(od / "run" / "atlas.zarr", data[n]["query_batches"], od)
+                    print(f"re-transferred {od.name}", flush=True)
     t0 = time.time()
     with cf.ThreadPoolExecutor(max_workers=a.jobs) as ex:
         futs = {}

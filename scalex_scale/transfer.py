@@ -32,6 +32,15 @@ every ``novelty_width * w`` (default ``0.5 w``) of ``ln rho`` beyond: ``f = 2^(-
 unknown cluster in 10-d only reaches rho ~ 2). The ratio is scale-free and local (dense and
 sparse types are judged against their own density), and needs nothing but kNN distances.
 
+*Smoothing*: a single cell's ratio is noisy (edge cells of a reference type reach rho ~ 1.8, the
+null's 99th percentile), while a novel type is a whole group of query cells with moderately high
+ratios (~1.5). So ``ln rho`` is averaged over each query cell and its ``novelty_smoothing``
+(default ``k``) nearest QUERY cells, and the null likewise over each reference cell and its
+nearest reference cells: the same operation on both sides, which narrows the null (cutoff ~1.3)
+and keeps a novel group's level. Measured (bench/compare_transfer.py, synthetic type absent from
+the reference, 3 seeds): 82% unassigned with smoothing vs 20% without, at a cost of 1.3% vs 1.0%
+of the present-type query cells.
+
 A cell whose confidence is below ``threshold`` (default 0.5) is called ``unassigned``: either
 the reference types disagree around it, or it is far from all of them.
 
@@ -52,7 +61,7 @@ import pandas as pd
 from numba import float32, int32, int64, prange, types
 
 from .metrics._utils import as_float_matrix, check_lengths, encode_labels, numba_threads
-from .metrics.knn import KNNMethod, knn_query, knn_ref_and_query
+from .metrics.knn import KNNMethod, knn, knn_query, knn_ref_and_query
 
 __all__ = ["TransferResult", "transfer_labels", "knn_classifier_transfer"]
 
@@ -163,6 +172,7 @@ def transfer_labels(
     novelty: bool = True,
     novelty_quantile: float = 0.99,
     novelty_width: float = 0.5,
+    novelty_smoothing: int | None = None,
     return_probabilities: bool = False,
     method: KNNMethod = "auto",
     rng: np.random.Generator | int | None = None,
@@ -195,6 +205,10 @@ def transfer_labels(
         Halving width of the novelty factor, as a fraction of the null's upper spread
         ``w = ln c - median(ln rho_ref)``: the factor halves every ``novelty_width * w`` of
         ``ln rho`` beyond ``ln c``. Smaller = stricter.
+    novelty_smoothing
+        Neighbours over which ``ln rho`` is averaged (geometric mean with the cell itself): query
+        cells over their nearest QUERY cells, the null over each reference cell's nearest
+        reference cells. ``None``: ``k``; 0: no smoothing (per-cell ratios).
     return_probabilities
         Also return the full (n_query x n_labels) vote-fraction table (memory n_query x n_labels).
     method, rng, n_jobs
@@ -215,6 +229,9 @@ def transfer_labels(
         raise ValueError(f"novelty_quantile must be in (0, 1], got {novelty_quantile}")
     if novelty_width <= 0:
         raise ValueError(f"novelty_width must be positive, got {novelty_width}")
+    smooth = k if novelty_smoothing is None else int(novelty_smoothing)
+    if smooth < 0:
+        raise ValueError(f"novelty_smoothing must be >= 0, got {novelty_smoothing}")
     n_ref = ref_X.shape[0]
     if not 1 <= k <= n_ref - (1 if novelty else 0):
         raise ValueError(f"k must be in [1, n_ref{' - 1' if novelty else ''}], got {k}")
@@ -232,8 +249,13 @@ def transfer_labels(
         ref_scale = ref_d.mean(axis=1, dtype=np.float64)  # s_r, self excluded
         del ref_d
         null = _novelty_ratio_from_scale(ref_scale, ref_idx, ref_scale)
-        del ref_idx
         rho = _novelty_ratio(dist, idx, ref_scale)
+        ks = min(smooth, k, query_X.shape[0] - 1)
+        if ks > 0:
+            null = _smooth_log(null, ref_idx[:, :ks])
+            q_idx, _ = knn(query_X, ks, method=method, rng=rng, n_jobs=n_jobs)
+            rho = _smooth_log(rho, q_idx)
+        del ref_idx
         factor, cutoff = _novelty_factor(rho, null, novelty_quantile, novelty_width)
     else:
         rho = np.full(query_X.shape[0], np.nan)
@@ -265,6 +287,14 @@ def transfer_labels(
         novelty_cutoff=cutoff,
         probabilities=probabilities,
     )
+
+
+def _smooth_log(rho: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Geometric mean of ``rho`` over each row itself and its ``neighbours`` (indices into ``rho``)."""
+    with np.errstate(divide="ignore"):
+        log_rho = np.log(np.maximum(rho, 0.0))
+    total = log_rho + log_rho[neighbours].sum(axis=1)
+    return np.exp(total / (1 + neighbours.shape[1]))
 
 
 def _novelty_ratio(dist: np.ndarray, idx: np.ndarray, ref_scale: np.ndarray) -> np.ndarray:

@@ -53,6 +53,29 @@ def test_shared_types_accurate_and_absent_type_unassigned(data):
     assert np.median(res.novelty_ratio[~shared]) > res.novelty_cutoff > np.median(res.novelty_ratio[shared])
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_smoothing_rejects_a_novel_group_between_reference_types(seed):
+    """A novel type halfway between two reference types (moderate per-cell ratios): the neighbourhood-averaged
+    ratio rejects (nearly) all of it, the per-cell ratio only part, and shared types stay assigned."""
+    rng = np.random.default_rng(seed)
+    centers = 8.0 * np.eye(7, 10)
+    centers[6] = 0.5 * (centers[0] + centers[1])
+    centers[6, 7] = 2.0
+    rt, qt = rng.integers(0, 6, 3000), rng.integers(0, 7, 2100)
+    ref = (centers[rt] + rng.normal(0.0, 1.0, (3000, 10))).astype(np.float32)
+    query = (centers[qt] + rng.normal(0.0, 1.0, (2100, 10)) + rng.normal(0.0, 0.3, 10)).astype(np.float32)
+    names = np.array([f"t{i}" for i in range(7)], dtype=object)
+    novel = qt == 6
+    smoothed = transfer_labels(ref, names[rt], query)
+    per_cell = transfer_labels(ref, names[rt], query, novelty_smoothing=0)
+    assert np.mean(smoothed.labels[novel] == "unassigned") >= 0.95
+    assert np.mean(per_cell.labels[novel] == "unassigned") <= 0.8
+    assert np.mean(smoothed.labels[~novel] == "unassigned") <= 0.02
+    assert smoothed.novelty_cutoff < per_cell.novelty_cutoff  # the averaged null is narrower
+    with pytest.raises(ValueError, match="novelty_smoothing"):
+        transfer_labels(ref, names[rt], query, novelty_smoothing=-1)
+
+
 def test_vote_alone_cannot_reject_absent_type(data):
     """Without the distance check the unknown cluster is confidently given a reference label."""
     ref, ref_lab, query, query_lab = data

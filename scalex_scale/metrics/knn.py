@@ -76,6 +76,23 @@ def _nndescent_params(n: int) -> dict[str, int]:
     }
 
 
+def _nndescent(X: np.ndarray, k: int, n_jobs: int | None, rng: Any) -> Any:
+    """A pynndescent index of ``X`` whose graph holds each row's ``k`` neighbours plus itself."""
+    from pynndescent import NNDescent
+
+    return NNDescent(
+        X,
+        metric="euclidean",
+        n_neighbors=k + 1,
+        random_state=int(as_generator(rng).integers(2**31 - 1)),
+        low_memory=True,
+        compressed=False,
+        n_jobs=-1 if n_jobs is None else n_jobs,
+        verbose=False,
+        **_nndescent_params(X.shape[0]),
+    )
+
+
 def _drop_self(indices: np.ndarray, distances: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Remove each row's own index from its (k+1)-neighbour list.
 
@@ -243,20 +260,7 @@ def knn(
         index = _exact_index(X)
         return _exact_query(index, X, k, n_jobs, self_rows=rows, order=_tree_order(index))
 
-    from pynndescent import NNDescent
-
-    gen = as_generator(rng)
-    index = NNDescent(
-        X,
-        metric="euclidean",
-        n_neighbors=k + 1,
-        random_state=int(gen.integers(2**31 - 1)),
-        low_memory=True,
-        compressed=False,
-        n_jobs=-1 if n_jobs is None else n_jobs,
-        verbose=False,
-        **_nndescent_params(n),
-    )
+    index = _nndescent(X, k, n_jobs, rng)
     indices, distances = index.neighbor_graph
     del index
     out_i = np.empty((n, k), dtype=np.int64)
@@ -407,20 +411,7 @@ def knn_ref_and_query(
         self_graph = _exact_query(index, ref, k, n_jobs, self_rows=rows, order=_tree_order(index))
         return self_graph, _exact_query(index, query, k, n_jobs)
 
-    from pynndescent import NNDescent
-
-    gen = as_generator(rng)
-    index = NNDescent(
-        ref,
-        metric="euclidean",
-        n_neighbors=k + 1,
-        random_state=int(gen.integers(2**31 - 1)),
-        low_memory=True,
-        compressed=False,
-        n_jobs=-1 if n_jobs is None else n_jobs,
-        verbose=False,
-        **_nndescent_params(n),
-    )
+    index = _nndescent(ref, k, n_jobs, rng)
     gi, gd = index.neighbor_graph
     ref_i, ref_d = _drop_self(gi, gd, rows, k)
     ref_i = ref_i.astype(np.int64, copy=False)
