@@ -10,7 +10,10 @@ fewer if early stopping fires), embed, transfer (labels of the last batch from t
 With ``--reference``, the reference package (scalex 1.0.4, venv made by ``bench/make_reference_env.sh``) runs
 on the same data written as .h5ad (its one call does preprocessing + training + embedding); a size whose run
 exceeds ``--reference-timeout`` or ``--reference-memory-gb`` (RSS of its process tree, polled) is recorded as such
-(and larger sizes are skipped for it), not dropped. Results are rewritten after every size.
+(and larger sizes are skipped for it), not dropped. Results are rewritten after every size. ``--precision bf16``
+runs ours as the tool ``scalex-scale-bf16``; ``--merge`` adds a run to the tools already in ``scaling.json``.
+The JSON's ``summary`` has, per tool and size, the pipeline's wall time and peak RSS (ingest + preprocess + fit +
+embed for ours; the reference's one call) and the ratios to the reference.
 
 Writes ``scaling.json`` and ``scaling.csv`` (one row per tool, size and stage) and, when matplotlib is
 installed, ``scaling_runtime.png`` and ``scaling_memory.png`` (log-log).
@@ -53,10 +56,10 @@ def run_ours(n: int, args: argparse.Namespace, work: Path, t0: float) -> list[di
     ]
     rows = []
     for name, stage, stage_args in plan:
-        log(t0, f"scalex-scale  {n:>9,} cells  {name} ...")
+        log(t0, f"{args.tool:<13} {n:>9,} cells  {name} ...")
         r = _run_stage(stage, stage_args)
-        rows.append({**r, "tool": "scalex-scale", "n_cells": n, "stage": name})
-        log(t0, f"scalex-scale  {n:>9,} cells  {name}: {r.get('status')} {r.get('wall_s', 0):.1f} s, {r.get('peak_rss_mb', 0):,.0f} MB")
+        rows.append({**r, "tool": args.tool, "n_cells": n, "stage": name})
+        log(t0, f"{args.tool:<13} {n:>9,} cells  {name}: {r.get('status')} {r.get('wall_s', 0):.1f} s, {r.get('peak_rss_mb', 0):,.0f} MB")
         if r.get("status") != "ok":
             break
     if not args.keep:
@@ -146,6 +149,37 @@ def run_with_budget(cmd: list[str], log_path: Path, timeout_s: float, max_rss_mb
     return status, err, peak
 
 
+PIPELINE = ("ingest", "preprocess", "fit", "embed")  # what the reference's one call covers (+ reading the data)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per tool and size: total wall time and peak RSS of the integration pipeline (ours: ingest + preprocess + fit
+    + embed, i.e. data generation and store writing included; the reference: its one call, reading the .h5ad
+    included, writing it not), and ours / reference ratios where both completed."""
+    out = []
+    ref = {r["n_cells"]: r for r in rows if r["tool"] == "reference" and r["stage"] == "total"}
+    for tool in sorted({r["tool"] for r in rows if r["tool"] != "reference"}):
+        for n in sorted({r["n_cells"] for r in rows if r["tool"] == tool}):
+            st = {r["stage"]: r for r in rows if r["tool"] == tool and r["n_cells"] == n}
+            if not all(st.get(s, {}).get("status") == "ok" for s in PIPELINE):
+                continue
+            row = {"tool": tool, "n_cells": n, "pipeline_wall_s": sum(st[s]["wall_s"] for s in PIPELINE),
+                   "pipeline_peak_rss_mb": max(st[s]["peak_rss_mb"] for s in PIPELINE),
+                   "all_stages_peak_rss_mb": max(r.get("peak_rss_mb") or 0 for r in st.values())}
+            r = ref.get(n)
+            if r is not None:
+                row["reference_status"] = r["status"]
+                if r["status"] == "ok":
+                    row["reference_wall_s"], row["reference_peak_rss_mb"] = r["wall_s"], r.get("peak_rss_mb")
+                    row["speedup"] = r["wall_s"] / row["pipeline_wall_s"]
+                    if r.get("peak_rss_mb"):
+                        row["memory_ratio"] = r["peak_rss_mb"] / row["pipeline_peak_rss_mb"]
+                else:
+                    row["reference_peak_rss_mb_observed"] = r.get("peak_rss_mb_observed")
+            out.append(row)
+    return out
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     cols = ["tool", "n_cells", "stage", "status", "wall_s", "peak_rss_mb", "peak_gpu_mb", "cells_per_s", "iterations"]
     with path.open("w", newline="") as fh:
@@ -168,7 +202,7 @@ def plot(out: Path, rows: list[dict]) -> list[str]:
         series = sorted({(r["tool"], r["stage"]) for r in rows if r.get("status") == "ok" and r.get(metric)})
         for tool, stage in series:
             pts = sorted((r["n_cells"], r[metric]) for r in rows if r["tool"] == tool and r["stage"] == stage and r.get("status") == "ok" and r.get(metric))
-            ax.plot(*zip(*pts, strict=True), marker="o", linestyle="-" if tool == "scalex-scale" else "--", label=f"{tool}: {stage}")
+            ax.plot(*zip(*pts, strict=True), marker="o", linestyle="--" if tool == "reference" else "-", label=f"{tool}: {stage}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("cells")
@@ -199,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=str(REPO / "bench" / "_work" / "scaling"))
     p.add_argument("--keep", action="store_true", help="keep atlases, models and .h5ad files")
     p.add_argument("--out", default=None, help="results directory (default bench/results/<machine>)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of other tools already in OUT/scaling.json (e.g. add a bf16 run of ours beside "
+                        "an earlier fp32 + reference run); rows of the tools run now are replaced")
     args = p.parse_args(argv)
+    args.tool = "scalex-scale" if args.precision == "fp32" else f"scalex-scale-{args.precision}"
     if args.reference and not REF_PY.exists():
         p.error(f"{REF_PY} is missing: run bench/make_reference_env.sh first")
     work = Path(args.workdir)
@@ -207,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     out = results_dir(args.out)
     t0 = time.perf_counter()
     rows: list[dict] = []
+    kept: list[dict] = []
+    settings = {args.tool: vars(args)}
+    if args.merge and (out / "scaling.json").exists():
+        old = json.loads((out / "scaling.json").read_text())
+        now = {args.tool} | ({"reference"} if args.reference else set())
+        kept = [r for r in old["results"] if r["tool"] not in now and r["stage"] != "summary"]
+        settings = {**old.get("settings_by_tool", {}), **settings}
     ref_failed = False
     for n in [int(s) for s in args.sizes.split(",")]:
         rows += run_ours(n, args, work, t0)
@@ -217,9 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.reference:
             rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": "skipped_after_budget"})
         # after every size, so a long run that is stopped keeps what it measured
-        write_csv(out / "scaling.csv", rows)
-        files = plot(out, rows)
-        write_json(out / "scaling.json", {"benchmark": "scaling", "settings": vars(args), "results": rows, "plots": files})
+        every = kept + rows
+        write_csv(out / "scaling.csv", every)
+        files = plot(out, every)
+        write_json(out / "scaling.json", {"benchmark": "scaling", "settings": vars(args), "settings_by_tool": settings,
+                                          "results": every, "summary": summarize(every), "plots": files})
     log(t0, f"wrote {out / 'scaling.json'}, {out / 'scaling.csv'} {' '.join(files)}")
     return 0
 
