@@ -54,6 +54,8 @@ def run_ours(n: int, args: argparse.Namespace, work: Path, t0: float) -> list[di
         ("transfer", "transfer", {"store": store, "label_key": "celltype", "query_batches": [f"batch{args.n_batches - 1}"]}),
         ("evaluate", "evaluate", {"store": store, "label_key": "celltype", "seed": args.seed}),
     ]
+    if args.pipeline_only:
+        plan = [step for step in plan if step[0] in PIPELINE]
     rows = []
     for name, stage, stage_args in plan:
         log(t0, f"{args.tool:<13} {n:>9,} cells  {name} ...")
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=str(REPO / "bench" / "_work" / "scaling"))
     p.add_argument("--keep", action="store_true", help="keep atlases, models and .h5ad files")
     p.add_argument("--out", default=None, help="results directory (default bench/results/<machine>)")
+    p.add_argument("--pipeline-only", action="store_true", help="only ingest, preprocess, fit, embed (no transfer, evaluate)")
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of other tools already in OUT/scaling.json (e.g. add a bf16 run of ours beside "
                         "an earlier fp32 + reference run); rows of the tools run now are replaced")
