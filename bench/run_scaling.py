@@ -89,11 +89,7 @@ def run_reference(n: int, args: argparse.Namespace, work: Path, t0: float) -> li
     rows = []
     run = json.loads((out / "run.json").read_text()) if status == "ok" and (out / "run.json").exists() else {}
     if run:
-        rss = run.get("peak_rss_mb") or run.get("memory", {}).get("peak_rss_self_mb")
-        for stage, key in (("preprocess", "preprocess_seconds"), ("fit", "train_seconds"), ("embed", "embed_seconds")):
-            if key in run:
-                rows.append({"tool": "reference", "n_cells": n, "stage": stage, "status": "ok", "wall_s": run[key], "peak_rss_mb": rss})
-        rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": "ok", "wall_s": wall, "peak_rss_mb": rss, "iterations": run.get("iterations")})
+        rows += reference_rows(n, run, wall, tree_peak)
     else:
         rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": status, "wall_s": wall, "error": err,
                      "peak_rss_mb_observed": tree_peak})
@@ -102,6 +98,24 @@ def run_reference(n: int, args: argparse.Namespace, work: Path, t0: float) -> li
         shutil.rmtree(out, ignore_errors=True)
         h5ad.unlink(missing_ok=True)
     return rows
+
+
+def reference_rows(n: int, run: dict, wall: float, tree_peak: float | None) -> list[dict]:
+    """Rows of one completed reference run from its ``reference_runner.py fit`` report (run.json)."""
+    mem, train = run.get("memory", {}), run.get("training", {})
+    rss = mem.get("ru_maxrss_self_plus_children_mb") or mem.get("ru_maxrss_self_mb") or tree_peak
+    base = {"tool": "reference", "n_cells": n, "status": "ok", "peak_rss_mb": rss}
+    rows = [{**base, "stage": "preprocess", "wall_s": run.get("preprocess_seconds")},
+            {**base, "stage": "fit", "wall_s": train.get("train_seconds"), "iterations": train.get("iterations_done")},
+            {**base, "stage": "total", "wall_s": wall, "iterations": train.get("iterations_done"),
+             "reference_wall_seconds": run.get("wall_seconds"), "peak_rss_mb_observed": tree_peak}]
+    return [r for r in rows if r["wall_s"] is not None]
+
+
+def rows_from_log(n: int, log_path: Path, wall: float) -> list[dict]:
+    """The same rows from the report the runner prints at the end of its log (``--rebuild-reference``)."""
+    text = log_path.read_text()
+    return reference_rows(n, json.loads(text[text.rindex("\n{") + 1 :]), wall, None)
 
 
 def _tree_rss_mb(root: int) -> float:
@@ -217,6 +231,32 @@ def plot(out: Path, rows: list[dict]) -> list[str]:
     return files
 
 
+def write_all(out: Path, rows: list[dict], args: dict, settings: dict) -> list[str]:
+    write_csv(out / "scaling.csv", rows)
+    files = plot(out, rows)
+    write_json(out / "scaling.json", {"benchmark": "scaling", "settings": args, "settings_by_tool": settings,
+                                      "results": rows, "summary": summarize(rows), "plots": files})
+    return files
+
+
+def rebuild_reference(out: Path, work: Path) -> int:
+    old = json.loads((out / "scaling.json").read_text())
+    rows = []
+    for r in old["results"]:
+        log_path = work / f"ref_{r['n_cells']}.log"
+        if r["tool"] == "reference" and r["status"] == "ok":
+            if r["stage"] == "total" and log_path.exists():
+                rows += rows_from_log(r["n_cells"], log_path, r["wall_s"])
+            elif not log_path.exists():
+                rows.append(r)
+        else:
+            rows.append(r)
+    settings = old.get("settings_by_tool") or {"scalex-scale": old["settings"]}
+    write_all(out, rows, old["settings"], settings)
+    print(f"rebuilt {out / 'scaling.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,50000,250000,1000000")
@@ -239,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true",
                    help="keep the rows of other tools already in OUT/scaling.json (e.g. add a bf16 run of ours beside "
                         "an earlier fp32 + reference run); rows of the tools run now are replaced")
+    p.add_argument("--rebuild-reference", action="store_true",
+                   help="only rebuild the completed reference rows of OUT/scaling.json from the runner reports in "
+                        "WORKDIR/ref_<n>.log (for runs recorded before their report was parsed fully), then exit")
     args = p.parse_args(argv)
+    if args.rebuild_reference:
+        return rebuild_reference(results_dir(args.out), Path(args.workdir))
     args.tool = "scalex-scale" if args.precision == "fp32" else f"scalex-scale-{args.precision}"
     if args.reference and not REF_PY.exists():
         p.error(f"{REF_PY} is missing: run bench/make_reference_env.sh first")
@@ -265,11 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.reference:
             rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": "skipped_after_budget"})
         # after every size, so a long run that is stopped keeps what it measured
-        every = kept + rows
-        write_csv(out / "scaling.csv", every)
-        files = plot(out, every)
-        write_json(out / "scaling.json", {"benchmark": "scaling", "settings": vars(args), "settings_by_tool": settings,
-                                          "results": every, "summary": summarize(every), "plots": files})
+        files = write_all(out, kept + rows, vars(args), settings)
     log(t0, f"wrote {out / 'scaling.json'}, {out / 'scaling.csv'} {' '.join(files)}")
     return 0
 
