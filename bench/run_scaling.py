@@ -218,7 +218,19 @@ def plot(out: Path, rows: list[dict]) -> list[str]:
         series = sorted({(r["tool"], r["stage"]) for r in rows if r.get("status") == "ok" and r.get(metric)})
         for tool, stage in series:
             pts = sorted((r["n_cells"], r[metric]) for r in rows if r["tool"] == tool and r["stage"] == stage and r.get("status") == "ok" and r.get(metric))
-            ax.plot(*zip(*pts, strict=True), marker="o", linestyle="--" if tool == "reference" else "-", label=f"{tool}: {stage}")
+            ax.plot(*zip(*pts, strict=True), marker="o", linestyle="--" if tool == "reference" else "-", label=f"{tool}: {stage}",
+                    linewidth=2.5 if stage == "total" else 1.0, alpha=1.0 if stage == "total" else 0.6)
+        key = {"wall_s": "pipeline_wall_s", "peak_rss_mb": "pipeline_peak_rss_mb"}[metric]
+        summary = summarize(rows)
+        for tool in sorted({r["tool"] for r in summary}):
+            pts = sorted((r["n_cells"], r[key]) for r in summary if r["tool"] == tool)
+            ax.plot(*zip(*pts, strict=True), marker="s", linewidth=2.5, label=f"{tool}: ingest-preprocess-fit-embed")
+        for r in rows:
+            if r["tool"] == "reference" and r["stage"] == "total" and r.get("status") not in ("ok", "skipped_after_budget"):
+                y = r.get("peak_rss_mb_observed") if metric == "peak_rss_mb" else r.get("wall_s")
+                if y:
+                    ax.plot([r["n_cells"]], [y], marker="x", markersize=10, color="black", linestyle="none",
+                            label=f"reference {r['n_cells']:,}: {r['status']}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("cells")
