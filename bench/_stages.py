@@ -7,14 +7,14 @@ throughput. Used by ``bench_preprocess.py`` and ``run_scaling.py`` so every stag
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-
-if "OMP_WAIT_POLICY" not in os.environ:  # bounded OpenMP spin (see scalex_scale/cli.py)
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 from pathlib import Path
 from typing import Any
+
+from scalex_scale._openmp import bound_openmp_spin
+
+bound_openmp_spin()  # before torch is imported (both tools run with it: see bench/README.md)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import RESULT_TAG, peak_rss_mb  # noqa: E402

@@ -11,7 +11,7 @@ Usage (our venv)::
     python bench/bench_train.py --quick          # smoke run: 200 iterations, 1 repeat, RSS on 100k only, 300 it
 
 (a) Same data (CellBench, /work/shared/data/cellbench_lung_celllines.h5ad), batch 64, min_features 600, 2000 HVGs,
-default torch threads, GOMP_SPINCOUNT=10000 for both (a bounded OpenMP spin, see scalex_scale/cli.py). Reference: ``reference_runner.py bench-train --iterations
+default torch threads, GOMP_SPINCOUNT=10000 for both (a bounded OpenMP spin, see scalex_scale/_openmp.py). Reference: ``reference_runner.py bench-train --iterations
 N --num-workers 0`` (times ``VAE.fit`` only; it runs whole epochs, so ceil(N/22)*22 iterations). Ours: ``api.fit``
 on an atlas of the same data preprocessed by our pipeline (``bench/_work/train_cb.zarr``), in a fresh process
 (``bench/_stages.py fit``), iterations/s from our ``TrainResult`` (n_iterations / seconds), for each of
@@ -39,8 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-if "OMP_WAIT_POLICY" not in os.environ:  # bounded OpenMP spin (see scalex_scale/cli.py)
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+from scalex_scale._openmp import bound_openmp_spin  # noqa: E402
+
+bound_openmp_spin()  # before torch is imported (both tools run with it: see bench/README.md)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

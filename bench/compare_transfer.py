@@ -45,8 +45,9 @@ import sys
 import time
 from pathlib import Path
 
-if "OMP_WAIT_POLICY" not in os.environ:  # bounded OpenMP spin (see scalex_scale/cli.py)
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+from scalex_scale._openmp import bound_openmp_spin  # noqa: E402
+
+bound_openmp_spin()  # before torch is imported (both tools run with it: see bench/README.md)
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

@@ -67,8 +67,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")  # the reference plots UMAPs; never o
 # On a shared, oversubscribed machine torch's OpenMP threads spin while waiting for each other: measured here
 # (2 cores, load ~7) 436 CPU-ms per iteration with 2 threads vs 27 with OMP_WAIT_POLICY=PASSIVE, bit-identical
 # losses; a short bounded spin (GOMP_SPINCOUNT=10000) is faster still (56 vs 41 it/s at load ~1). The same setting
-# as scalex-scale's CLI, so both tools run alike. Not part of the method; set OMP_WAIT_POLICY in the environment to
-# override.
+# as scalex-scale's CLI (scalex_scale/_openmp.py; this script runs in the reference's venv, without scalex_scale), so
+# both tools run alike. Not part of the method; set OMP_WAIT_POLICY in the environment to override.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 

@@ -204,7 +204,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def plot(out: Path, rows: list[dict]) -> list[str]:
+def plot(out: Path, rows: list[dict], summary: list[dict]) -> list[str]:
     try:
         import matplotlib
 
@@ -221,7 +221,6 @@ def plot(out: Path, rows: list[dict]) -> list[str]:
             ax.plot(*zip(*pts, strict=True), marker="o", linestyle="--" if tool == "reference" else "-", label=f"{tool}: {stage}",
                     linewidth=2.5 if stage == "total" else 1.0, alpha=1.0 if stage == "total" else 0.6)
         key = {"wall_s": "pipeline_wall_s", "peak_rss_mb": "pipeline_peak_rss_mb"}[metric]
-        summary = summarize(rows)
         for tool in sorted({r["tool"] for r in summary}):
             pts = sorted((r["n_cells"], r[key]) for r in summary if r["tool"] == tool)
             ax.plot(*zip(*pts, strict=True), marker="s", linewidth=2.5, label=f"{tool}: ingest-preprocess-fit-embed")
@@ -245,9 +244,10 @@ def plot(out: Path, rows: list[dict]) -> list[str]:
 
 def write_all(out: Path, rows: list[dict], args: dict, settings: dict) -> list[str]:
     write_csv(out / "scaling.csv", rows)
-    files = plot(out, rows)
+    summary = summarize(rows)
+    files = plot(out, rows, summary)
     write_json(out / "scaling.json", {"benchmark": "scaling", "settings": args, "settings_by_tool": settings,
-                                      "results": rows, "summary": summarize(rows), "plots": files})
+                                      "results": rows, "summary": summary, "plots": files})
     return files
 
 

@@ -1,9 +1,9 @@
 """Pure-torch Domain-Specific BatchNorm (DSBN): the vectorized reference and the original SCALEX loop.
 
 ``dsbn_reference`` is the torch backend of :func:`scalex_scale.kernels.dsbn` and the oracle the Triton kernels are
-tested against. It is vectorized over domains (per-domain counts and sums, then a per-row gather: a one-hot matrix
-product when there are few domains, ``index_add``/``index_select`` otherwise), does no host synchronisation and has no data-dependent shapes, so it runs under
-``torch.compile(fullgraph=True)`` and CUDA-graph capture. Statistics are computed without autograd and the
+tested against. It is vectorized over domains (per-domain sums as a one-hot matrix product when there are few
+domains, ``index_add`` otherwise; per-row gathers by ``index_select``), does no host synchronisation and has no
+data-dependent shapes, so it runs under ``torch.compile(fullgraph=True)`` and CUDA-graph capture. Statistics are computed without autograd and the
 normalize + affine step is a small ``torch.autograd.Function`` with the analytic batch-norm backward (about half
 the full-size ops of differentiating through the statistics; first-order gradients only, double backward raises).
 It is validated independently of the Triton kernels: against ``torch.nn.functional.batch_norm`` (D = 1), the

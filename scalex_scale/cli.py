@@ -5,19 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-
-# OpenMP threads that busy-wait for long between ops starve the loader's threads on small, shared CPUs (libgomp's
-# default spin: up to 30x slower training steps on 2 cores under load), while never spinning (OMP_WAIT_POLICY=
-# PASSIVE) pays a thread wake-up on every small op (training 1.4x slower on 2 cores). A short bounded spin keeps
-# both: 128 it/s vs 91 (passive) on CellBench, 2-core EPYC. Must be set before torch is imported; an explicit
-# OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 from collections.abc import Sequence
 
-from .store.errors import ScalexError
+from ._openmp import bound_openmp_spin
+
+bound_openmp_spin()  # before torch is imported
+from .store.errors import ScalexError  # noqa: E402
 
 
 def _csv(value: str) -> list[str]:
