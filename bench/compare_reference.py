@@ -13,7 +13,8 @@ Defaults: min_features 600, min_cells 3, 2000 HVGs, batch 64, lr 2e-4, SAME max_
 runs two trainings at a time with 1 torch thread each (timings then are not speed benchmarks: see
 bench_train.py). GOMP_SPINCOUNT=10000 for both tools; reference DataLoader ``--num-workers 0``. ``--precision bf16``
 runs ours with bfloat16 autocast (cached apart, written to ``compare_reference_bf16.json``).
-Our preprocessing scales per batch (the method; our default); the reference 1.0.4 scales globally.
+Our preprocessing scales per batch (the method; our default); the reference 1.0.4 scales globally. ``--scale global``
+runs ours with global scaling too (cached apart, written to ``compare_reference[_bf16]_global.json``).
 
 Datasets: ``cellbench`` (/work/shared/data/cellbench_lung_celllines.h5ad, obs batch/celltype) and ``synthetic``
 (scalex_scale.datasets, 4000 cells x 3000 genes, 4 batches, 6 types, partial overlap, mean 1000 genes/cell,
@@ -145,10 +146,12 @@ def ref_fit(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, f
     return cached_run(outdir, fresh, lambda: {"wall_seconds_subprocess": _run(cmd, outdir.parent / f"{outdir.name}.log"), "cmd": cmd})
 
 
-def ours_fit(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, fresh: bool, precision: str = "fp32") -> Path:
+def ours_fit(inp: Path, outdir: Path, seed: int, iterations: int, threads: int, fresh: bool, precision: str = "fp32",
+             scale: str = "batch") -> Path:
     """This script's ``_ours`` subcommand in a fresh process: api.integrate; writes latent.npy, obs.csv, run.json."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "_ours", "--input", str(inp), "--outdir", str(outdir),
-           "--seed", str(seed), "--iterations", str(iterations), "--threads", str(threads), "--precision", precision]
+           "--seed", str(seed), "--iterations", str(iterations), "--threads", str(threads), "--precision", precision,
+           "--scale", scale]
     return cached_run(outdir, fresh, lambda: {"wall_seconds_subprocess": _run(cmd, outdir.parent / f"{outdir.name}.log"), "cmd": cmd})
 
 
@@ -158,7 +161,7 @@ def cmd_ours(a) -> None:
 
     outdir = Path(a.outdir)
     t0 = time.perf_counter()
-    res = ours_integrate(a.input, outdir / "run", a.seed, a.iterations, a.threads, a.precision)
+    res = ours_integrate(a.input, outdir / "run", a.seed, a.iterations, a.threads, a.precision, scale=a.scale)
     wall = time.perf_counter() - t0
     atlas = Atlas.open(res.atlas)
     lat = np.asarray(atlas.root["obsm"]["latent"][:], dtype=np.float32)
@@ -282,6 +285,19 @@ def ours_train_mode_diagnosis(ours_dir: Path, seed: int) -> dict:
             for name, Z in (("eval_mode", ev), ("train_mode_per_batch_chunks", tr))}
 
 
+def same_embedding_verdict(d: dict, diag: dict) -> dict:
+    """Both networks embedded by the same procedure, ours - reference (goal >= -0.02): METHOD.md's (eval-mode mu:
+    ours vs ``ref_eval``) and the reference package's (train-mode, per-batch chunks of 64: our models embedded that
+    way vs the reference's ``latent.npy``)."""
+    pairs = {"method_eval_mode": (d["ours"], d["ref_eval"]),
+             "reference_train_mode": (diag["train_mode_per_batch_chunks"], d["ref"])}
+    out = {}
+    for name, (o, r) in pairs.items():
+        delta = {m: o[m] - r[m] for m in ("mixing", "silhouette")}
+        out[name] = {"delta": delta, "ok": bool(all(v >= -0.02 for v in delta.values()))}
+    return out
+
+
 def summarize(rows: list[dict], datasets: list[str]) -> dict:
     out = {}
     for ds in datasets:
@@ -325,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--iterations", type=int, default=3000)
     o.add_argument("--threads", type=int, default=0)
     o.add_argument("--precision", default="fp32")
+    o.add_argument("--scale", default="batch")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="our training precision (bf16: autocast, on CUDA or a CPU with native bf16); the reference: fp32")
+    p.add_argument("--scale", default="batch", choices=["batch", "global"],
+                   help="our MaxAbs scaling: per batch (the method; default) or global (what the reference 1.0.4 does)")
     p.add_argument("--datasets", default="cellbench,synthetic")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iterations", type=int, default=3000, help="max_iteration for BOTH tools (reference default 30000)")
@@ -358,15 +377,16 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append((ds, s, a.iterations))
     if a.default_schedule and "cellbench" in datasets:
         jobs.append(("cellbench", a.default_seed, 30000))
-    ours = "ours" if a.precision == "fp32" else f"ours_{a.precision}"  # run directories of our runs
+    tag = "".join(f"_{v}" for v in (a.precision, a.scale) if v not in ("fp32", "batch"))  # e.g. "_bf16_global"
+    ours = f"ours{tag}"  # run directories of our runs
     t0 = time.time()
     with cf.ThreadPoolExecutor(max_workers=a.jobs) as ex:
         futs = {}
         for ds, s, it in jobs:
             inp = data[ds][0]
             futs[ex.submit(ref_fit, inp, work / f"{ds}_ref_s{s}_it{it}", s, it, threads, a.fresh)] = (ds, s, it, "ref")
-            futs[ex.submit(ours_fit, inp, work / f"{ds}_{ours}_s{s}_it{it}", s, it, threads, a.fresh, a.precision)] = (
-                ds, s, it, "ours")
+            futs[ex.submit(ours_fit, inp, work / f"{ds}_{ours}_s{s}_it{it}", s, it, threads, a.fresh, a.precision,
+                           a.scale)] = (ds, s, it, "ours")
         for f in cf.as_completed(futs):
             ds, s, it, tool = futs[f]
             try:
@@ -391,8 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         dd = [r["diagnosis_ours_embedded_reference_way"] for r in rows
               if r["dataset"] == ds and "diagnosis_ours_embedded_reference_way" in r]
         if dd:
-            summary[ds]["diagnosis_ours_embedded_reference_way_mean"] = {
-                mode: {m: float(np.mean([x[mode][m] for x in dd])) for m in ("mixing", "silhouette")} for mode in dd[0]}
+            diag = {mode: {m: float(np.mean([x[mode][m] for x in dd])) for m in ("mixing", "silhouette")}
+                    for mode in dd[0]}
+            summary[ds]["diagnosis_ours_embedded_reference_way_mean"] = diag
+            summary[ds]["verdict_same_embedding"] = same_embedding_verdict(summary[ds], diag)
     payload = {
         "description": "integration quality scalex-scale vs scalex==1.0.4 on the cells both kept; mixing = batch "
                        "entropy mixing score (METHOD.md, reference-compatible value: natural-log entropy divided by "
@@ -403,14 +425,15 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**SETTINGS, "max_iteration": a.iterations, "seeds": seeds, "jobs": a.jobs, "our_precision": a.precision,
                      "torch_threads_per_run": threads or "default", "reference_num_workers": 0,
                      "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
-                     "scaling": "ours per batch (method default), reference 1.0.4 global"},
+                     "scaling": f"ours {'per batch (method default)' if a.scale == 'batch' else 'global (as the reference)'}, "
+                                "reference 1.0.4 global"},
         "datasets": {ds: {k: v for k, v in info.items()} | {"path": str(path)} for ds, (path, info) in data.items()},
         "summary": summary,
         "per_seed": rows,
         "default_schedule_runs": extra,
         "quick": a.quick,
     }
-    name = "compare_reference" if a.precision == "fp32" else f"compare_reference_{a.precision}"
+    name = f"compare_reference{tag}"
     out = Path(a.out) if a.out else (work / f"{name}_quick.json" if a.quick else results_dir() / f"{name}.json")
     write_json(out, payload)
     csv_rows = []
