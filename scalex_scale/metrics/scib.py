@@ -291,6 +291,12 @@ def lisi(
     return 1.0 / simpson
 
 
+def _median_lisi(X: np.ndarray | None, labels: Any, **kwargs: Any) -> tuple[float, int]:
+    """NaN-ignoring median of the per-cell :func:`lisi` of ``labels`` and the number of label categories."""
+    codes, cats = encode_labels(labels)
+    return float(np.nanmedian(lisi(X, codes, **kwargs))), int(cats.size)
+
+
 def ilisi(
     X: np.ndarray | None,
     batches: Any,
@@ -312,24 +318,13 @@ def ilisi(
     [0, 1], as scib and scib-metrics ``ilisi_knn``. NaNs are ignored in the median.
     ``knn``, ``cells``, ``sample_size`` and the rest: see :func:`lisi`.
     """
-    codes, cats = encode_labels(batches)
-    per_cell = lisi(
-        X,
-        codes,
-        knn=knn,
-        cells=cells,
-        sample_size=sample_size,
-        perplexity=perplexity,
-        n_neighbors=n_neighbors,
-        method=method,
-        rng=rng,
-        n_jobs=n_jobs,
-    )
-    med = float(np.nanmedian(per_cell))
+    med, n_cats = _median_lisi(
+        X, batches, knn=knn, cells=cells, sample_size=sample_size, perplexity=perplexity,
+        n_neighbors=n_neighbors, method=method, rng=rng, n_jobs=n_jobs,
+    )  # fmt: skip
     if not scale:
         return med
-    nb = cats.size
-    return (med - 1.0) / (nb - 1.0) if nb > 1 else float("nan")
+    return (med - 1.0) / (n_cats - 1.0) if n_cats > 1 else float("nan")
 
 
 def clisi(
@@ -352,24 +347,13 @@ def clisi(
     (default): ``(n_labels - median) / (n_labels - 1)`` in [0, 1], higher is better, as scib
     and scib-metrics ``clisi_knn``. Other parameters: see :func:`lisi`.
     """
-    codes, cats = encode_labels(labels)
-    per_cell = lisi(
-        X,
-        codes,
-        knn=knn,
-        cells=cells,
-        sample_size=sample_size,
-        perplexity=perplexity,
-        n_neighbors=n_neighbors,
-        method=method,
-        rng=rng,
-        n_jobs=n_jobs,
-    )
-    med = float(np.nanmedian(per_cell))
+    med, n_cats = _median_lisi(
+        X, labels, knn=knn, cells=cells, sample_size=sample_size, perplexity=perplexity,
+        n_neighbors=n_neighbors, method=method, rng=rng, n_jobs=n_jobs,
+    )  # fmt: skip
     if not scale:
         return med
-    nl = cats.size
-    return (nl - med) / (nl - 1.0) if nl > 1 else float("nan")
+    return (n_cats - med) / (n_cats - 1.0) if n_cats > 1 else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
