@@ -331,6 +331,18 @@ def summarize(rows: list[dict], datasets: list[str]) -> dict:
     return out
 
 
+def run_setup(a: argparse.Namespace) -> tuple[Path, list[str], list[int], int]:
+    """Shared by this script and compare_transfer.py: apply ``--quick`` (seed 0, 100 iterations, a separate work
+    dir), create the work dir; return it, the dataset names, the seeds and the torch threads per run (1 when
+    ``--jobs`` > 1, else 0 = torch's default)."""
+    if a.quick:
+        a.seeds, a.iterations, a.workdir = "0", 100, a.workdir + "_quick"
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    return (work, [d for d in a.datasets.split(",") if d], [int(s) for s in a.seeds.split(",") if s],
+            1 if a.jobs > 1 else 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd")
@@ -362,13 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "_ours":
         cmd_ours(a)
         return 0
-    if a.quick:
-        a.seeds, a.iterations, a.workdir = "0", 100, a.workdir + "_quick"
-    work = Path(a.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    datasets = [d for d in a.datasets.split(",") if d]
-    seeds = [int(s) for s in a.seeds.split(",") if s]
-    threads = 1 if a.jobs > 1 else 0
+    work, datasets, seeds, threads = run_setup(a)
     data = {ds: dataset(ds, work) for ds in datasets}
 
     jobs = []

@@ -56,7 +56,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _env import results_dir, write_json  # noqa: E402
 from compare_reference import (  # noqa: E402
-    CELLBENCH, REF_PY, REF_RUNNER, SETTINGS, SYNTH, _run, cached_run, ours_integrate, ref_fit_cmd, synthetic_h5ad,
+    CELLBENCH, REF_PY, REF_RUNNER, SETTINGS, SYNTH, _run, cached_run, ours_integrate, ref_fit_cmd, run_setup,
+    synthetic_h5ad,
 )  # fmt: skip
 
 SCALE = ["batch"]  # our MaxAbs scaling (set from --scale)
@@ -246,13 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "_ours":
         cmd_ours(a)
         return 0
-    if a.quick:
-        a.seeds, a.iterations, a.workdir = "0", 100, a.workdir + "_quick"
-    work = Path(a.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    names = [n for n in a.datasets.split(",") if n]
-    seeds = [int(s) for s in a.seeds.split(",") if s]
-    threads = 1 if a.jobs > 1 else 0
+    work, names, seeds, threads = run_setup(a)
     SCALE[0] = a.scale
     sfx = "" if a.scale == "batch" else f"_{a.scale}"
     data = datasets(names, work)

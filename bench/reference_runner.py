@@ -367,6 +367,11 @@ def file_sizes(d: Path) -> dict:
     return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+def run_record(mem: dict, patches: list[str], outdir: Path) -> dict:
+    """What every run's report ends with: memory, the patches applied, versions, and the output files' sizes."""
+    return {"memory": mem, "patches": patches, "versions": versions(), "output_files_bytes": file_sizes(outdir)}
+
+
 def write_obs(adata, path: Path, batch_key: str) -> None:
     obs = pd.DataFrame(index=pd.Index(adata.obs_names.astype(str), name="cell"))
     obs["batch"] = adata.obs["batch"].astype(str).to_numpy()
@@ -507,10 +512,7 @@ def cmd_fit(a) -> dict:
     info["training"] = training_summary(a.max_iteration)
     (outdir / "genes.txt").write_text("\n".join(STATE.get("genes", [])) + "\n")
     save_latents(adata, outdir, a.batch_key, info)
-    info["memory"] = mem
-    info["patches"] = patches
-    info["versions"] = versions()
-    info["output_files_bytes"] = file_sizes(outdir)
+    info.update(run_record(mem, patches, outdir))
     return info
 
 
@@ -538,10 +540,7 @@ def cmd_project(a) -> dict:
         q = adata
         info["returned"] = "query only (repeat=True)"
     save_latents(q, outdir, a.batch_key, info)
-    info["memory"] = mem
-    info["patches"] = patches
-    info["versions"] = versions()
-    info["output_files_bytes"] = file_sizes(outdir)
+    info.update(run_record(mem, patches, outdir))
     return info
 
 
@@ -561,10 +560,7 @@ def cmd_bench_train(a) -> dict:
         info["training"] = training_summary(a.iterations)
         if not a.losses:
             info["training"].pop("epoch_losses", None)
-        info["memory"] = mem
-        info["patches"] = patches
-        info["versions"] = versions()
-        info["output_files_bytes"] = file_sizes(outdir)
+        info.update(run_record(mem, patches, outdir))
     finally:
         if not keep:
             shutil.rmtree(outdir, ignore_errors=True)
