@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .store import Atlas
+from .store import Atlas, transaction
 from .store.errors import ScalexError
 from .transfer import transfer_labels
 
@@ -84,9 +84,15 @@ def transfer(
     cells) and ``obs['<label_key>_transfer_confidence']`` (NaN for non-query cells). See
     :func:`scalex_scale.transfer.transfer_labels` for the vote, the confidence and the novelty check.
     """
+    with transaction(store, "transfer") as txn:
+        if txn.is_new:
+            raise ScalexError(f"{store}: no such atlas")
+        return _transfer(txn.atlas, label_key, reference_batches, query_batches, k, threshold, seed)
+
+
+def _transfer(atlas: Atlas, label_key, reference_batches, query_batches, k, threshold, seed) -> TransferSummary:
     from .metrics import ari, f1_scores, nmi
 
-    atlas = Atlas.open(store, mode="r+")
     latent = _latent(atlas)
     labels = _labels(atlas, label_key)
     ref_b, query_b = split_batches(atlas, reference_batches, query_batches)

@@ -57,7 +57,7 @@ def compute_maxabs(atlas: Atlas, state: PreprocessState, rows: tuple[int, int], 
     for code, g in groups.items():
         lut[code] = g
     n_groups = 1 if state.scale == "global" else len(batches)
-    runner = DaskRunner(str(atlas.path), _ranges(atlas, *rows), lut[codes], n_workers=n_workers)
+    runner = DaskRunner(str(atlas.directory), _ranges(atlas, *rows), lut[codes], n_workers=n_workers)
     acc, _ = runner.fold(
         lambda x, c, into: maxabs_chunk(x, c, state, n_groups, into=into),
         lambda: MaxAbsStats.empty(n_groups, state.n_features),
@@ -93,7 +93,7 @@ def embed_rows(
     """
     start, stop = rows if rows is not None else (0, atlas.n_obs)
     codes = atlas.batch_codes
-    runner = DaskRunner(str(atlas.path), _ranges(atlas, start, stop), codes, n_workers=n_workers)
+    runner = DaskRunner(str(atlas.directory), _ranges(atlas, start, stop), codes, n_workers=n_workers)
     n = 0
     results = runner.map_ordered(lambda x, c: transform_chunk(x, c, state, maxabs=maxabs))
     for (a, b), (values, mask) in zip(runner.ranges, results, strict=True):
