@@ -7,22 +7,26 @@ checkpoint file, a cleanup). The crash tests count a command's points, then re-r
   ``enospc`` = ``OSError(ENOSPC)``): the command's own clean-up runs, as for Ctrl-C or a full disk;
 - in a child process, with ``SCALEX_SCALE_FAULT=exit:K`` in its environment: ``os._exit`` at the k-th point,
   no clean-up at all, as for ``kill -9``. ``SCALEX_SCALE_FAULT=count:FILE`` writes the number of points to FILE.
+  ``SCALEX_SCALE_FAULT=pause:K:FILE`` creates FILE at the k-th point and waits there until FILE is removed (the
+  concurrency tests hold a writer mid-transaction that way).
 
 Disabled (one global read per point) unless a test installs a plan.
 """
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import errno
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-Mode = Literal["count", "raise", "interrupt", "enospc", "exit"]
+Mode = Literal["count", "raise", "interrupt", "enospc", "exit", "pause"]
 
 
 class InjectedFault(RuntimeError):
@@ -36,6 +40,7 @@ class FaultPlan:
     mode: Mode = "count"
     at: int = 0
     count: int = 0
+    signal: str = ""
     log: list[tuple[str, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -48,8 +53,19 @@ class FaultPlan:
             return
         if self.mode == "exit":
             os._exit(137)
+        if self.mode == "pause":
+            open(self.signal, "w").close()
+            while os.path.exists(self.signal):
+                time.sleep(0.02)
+            return
         if self.mode == "interrupt":
-            raise KeyboardInterrupt
+            if threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt
+            # Ctrl-C reaches the main thread, never Zarr's I/O thread: deliver it there, as SIGINT would, and
+            # fail this write too (a KeyboardInterrupt inside Zarr's event loop would kill the loop instead)
+            _thread.interrupt_main()
+            time.sleep(0.2)
+            raise InjectedFault(f"write point {n} ({op} {detail}) interrupted")
         if self.mode == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), detail)
         raise InjectedFault(f"injected fault at write point {n} ({op} {detail})")
@@ -86,6 +102,9 @@ def _from_environment() -> None:
     if mode == "count":
         plan = FaultPlan("count")
         atexit.register(lambda: open(arg, "w").write(str(plan.count)))
+    elif mode == "pause":
+        at, _, signal = arg.partition(":")
+        plan = FaultPlan("pause", int(at), signal=signal)
     else:
         plan = FaultPlan(mode, int(arg))  # type: ignore[arg-type]
     _plan = plan

@@ -77,6 +77,7 @@ def transfer(
     k: int = 30,
     threshold: float = 0.5,
     seed: int = 0,
+    lock_timeout: float | None = None,
 ) -> TransferSummary:
     """kNN label transfer in the latent space, with a confidence and an ``unassigned`` call.
 
@@ -84,7 +85,7 @@ def transfer(
     cells) and ``obs['<label_key>_transfer_confidence']`` (NaN for non-query cells). See
     :func:`scalex_scale.transfer.transfer_labels` for the vote, the confidence and the novelty check.
     """
-    with transaction(store, "transfer") as txn:
+    with transaction(store, "transfer", lock_timeout=lock_timeout) as txn:
         if txn.is_new:
             raise ScalexError(f"{store}: no such atlas")
         return _transfer(txn.atlas, label_key, reference_batches, query_batches, k, threshold, seed)

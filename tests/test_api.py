@@ -10,6 +10,7 @@ import torch
 from scalex_scale import api
 from scalex_scale.cli import main
 from scalex_scale.datasets import SyntheticConfig, make_synthetic
+from scalex_scale.errors import ScalexError
 from scalex_scale.store import Atlas
 from scalex_scale.train import TrainConfig
 
@@ -190,3 +191,48 @@ def test_cli_fit_distributed_under_torchrun(synthetic, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Atlas.open(store).state["model"]["n_iterations"] > 12
     assert api.embed(store, tmp_path / "m", device="cpu") > 0
+
+
+def test_project_is_one_transaction_and_refuses_duplicates(trained, tmp_path):
+    import shutil
+
+    from scalex_scale.store import DuplicateError
+    from scalex_scale.store.txn import temporaries
+
+    _, out, ref, query = trained
+    atlas = tmp_path / "atlas.zarr"
+    shutil.copytree(out.atlas, atlas)
+    before = sorted((p.relative_to(atlas), p.read_bytes()) for p in atlas.rglob("*") if p.is_file())
+    # a model of another atlas (other genes) fails before anything lands, and every retry too
+    other = tmp_path / "other.zarr"
+    api.ingest(other, [query[:, query.var_names[:400]].copy()], batch_key="batch")
+    for _ in range(2):
+        with pytest.raises(ScalexError, match="belongs to another atlas"):
+            api.project(other, out.model_dir, [query], batch_key="batch")
+    assert ad.read_zarr(other).n_obs == query.n_obs
+    q = tmp_path / "q.h5ad"
+    query.write_h5ad(q)
+    api.project(atlas, out.model_dir, [q], batch_key="batch")
+    with pytest.raises(DuplicateError, match="already in batch"):
+        api.project(atlas, out.model_dir, [query], batch_key="batch")  # in memory: the same cells
+    with pytest.raises(DuplicateError, match="same file was already added"):
+        api.project(atlas, out.model_dir, [q], batch_names=["again"])
+    assert Atlas.open(atlas).n_obs == ref.n_obs + query.n_obs
+    api.project(atlas, out.model_dir, [q], batch_names=["again"], allow_duplicates=True)
+    assert Atlas.open(atlas).n_obs == ref.n_obs + 2 * query.n_obs
+    assert not temporaries(atlas) and before  # nothing left beside it
+
+
+def test_resume_refuses_a_checkpoint_of_other_data_or_batch_size(trained, tmp_path):
+    import shutil
+
+    _, out, ref, _ = trained
+    model = tmp_path / "m"
+    shutil.copytree(out.model_dir, model)
+    with pytest.raises(ScalexError, match="another batch size"):
+        api.fit(out.atlas, model, TrainConfig(max_iterations=60, batch_size=32, progress=False, seed=1), resume=True)
+    other = tmp_path / "other.zarr"
+    api.ingest(other, [ref], batch_key="batch")
+    api.preprocess(other, min_features=100, n_top_features=300, seed=5)  # same data, another training matrix
+    with pytest.raises(ScalexError, match="another training matrix"):
+        api.fit(other, model, _train(), resume=True)

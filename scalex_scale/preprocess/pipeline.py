@@ -264,7 +264,7 @@ def _write_training_matrix(
         ):
             rows = start + np.flatnonzero(mask)
             writer.add(values.indptr, values.indices, values.data, rows, runner.codes[rows])
-        return writer.finish(atlas, {**record, "generation": atlas.generation})
+        return writer.finish(atlas, record)  # the id names the content: the same inputs give the same id
     except BaseException:
         writer.abort()
         raise

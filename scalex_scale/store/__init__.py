@@ -4,6 +4,7 @@ Every write is a transaction (:mod:`.txn`): a writer lock, a private copy, one a
 """
 
 from .atlas import FORMAT_VERSION, Atlas
+from .check import CheckReport, check
 from .errors import (
     AtlasBusyError,
     AtlasFormatError,
@@ -22,6 +23,7 @@ __all__ = [
     "AppendOptions",
     "Atlas",
     "AtlasBusyError",
+    "CheckReport",
     "AtlasFormatError",
     "ConflictError",
     "DuplicateError",
@@ -32,6 +34,7 @@ __all__ = [
     "ScalexError",
     "Transaction",
     "append",
+    "check",
     "from_chunks",
     "ingest",
     "open_input",

@@ -73,7 +73,10 @@ def _check_directory(path: Path, directory: Path) -> None:
     if not directory.exists():
         raise AtlasFormatError(f"{path}: no such atlas")
     if (directory / ".zgroup").exists() or (directory / ".zarray").exists():
-        raise AtlasFormatError(f"{path}: is a Zarr format 2 store written by another tool, not a scalex-scale atlas")
+        raise AtlasFormatError(
+            f"{path}: is a Zarr format 2 store written by another tool, not a scalex-scale atlas; ingest it into a new "
+            f"atlas instead: `scalex-scale ingest NEW_ATLAS {path}`"
+        )
     if not (directory / "zarr.json").exists():
         raise AtlasFormatError(f"{path}: is not a Zarr store (no zarr.json), so not a scalex-scale atlas")
     legacy = path.with_name(path.name + LEGACY_JOURNAL_SUFFIX)
@@ -120,6 +123,8 @@ class Atlas:
         self.directory = directory
         self.root = root
         self.writable = writable
+        #: State changes of a transaction, written once when it commits (:meth:`flush_state`).
+        self._pending_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ opening / creating
     @classmethod
@@ -171,6 +176,7 @@ class Atlas:
         )
         atlas = cls(path, directory, root, writable=True)
         atlas.write_state({"format_version": FORMAT_VERSION, "generation": 0})
+        atlas.flush_state()
         return atlas
 
     def _require_writable(self) -> None:
@@ -226,7 +232,12 @@ class Atlas:
     # ------------------------------------------------------------------ state JSON
     @property
     def state(self) -> dict[str, Any]:
-        """The state record (``uns/scalex_scale/state``), checked: valid JSON of a known ``format_version``."""
+        """The state record (``uns/scalex_scale/state``), checked: valid JSON of a known ``format_version``.
+
+        A copy: change it and pass it to :meth:`write_state` (inside a transaction).
+        """
+        if self._pending_state is not None:
+            return json.loads(json.dumps(self._pending_state))
         group = self.root[STATE_GROUP]
         if "state" not in group:
             return {"format_version": FORMAT_VERSION, "generation": 0}
@@ -246,8 +257,14 @@ class Atlas:
         return state
 
     def write_state(self, state: dict[str, Any]) -> None:
+        """Replace the state (kept in memory; written once by :meth:`flush_state` when the transaction commits)."""
         self._require_writable()
-        write_elem(self.root[STATE_GROUP], "state", json.dumps(state, sort_keys=True))
+        self._pending_state = json.loads(json.dumps(state))
+
+    def flush_state(self) -> None:
+        if self._pending_state is not None:
+            write_elem(self.root[STATE_GROUP], "state", json.dumps(self._pending_state, sort_keys=True))
+            self._pending_state = None
 
     def update_state(self, section: str, value: Any) -> None:
         state = self.state

@@ -159,13 +159,14 @@ class _Names:
     cell already in the same batch (a duplicate) unless duplicates are allowed."""
 
     def __init__(self, existing: pd.Index, existing_batch: np.ndarray, allow_duplicates: bool, atlas: Path) -> None:
-        self.batch_of: dict[str, str] = dict(zip(existing.astype(str), existing_batch.astype(str), strict=True))
+        self.batch_of: dict[str, str] = {str(n): str(b) for n, b in zip(existing, existing_batch, strict=True)}
         self.allow = allow_duplicates
         self.atlas = atlas
         self.renamed = 0
 
     def __call__(self, names: pd.Index, batches: np.ndarray, source: str) -> pd.Index:
         names = names.astype(str)
+        batches = [str(b) for b in batches]
         if not self.allow:
             same = [n for n, b in zip(names, batches, strict=True) if self.batch_of.get(n) == b]
             if same:
@@ -358,8 +359,11 @@ def _concat_obs(old: pd.DataFrame, parts: list[pd.DataFrame]) -> pd.DataFrame:
     frames = [old.astype({"batch": str}) if "batch" in old else old] + parts
     obs = pd.concat([f for f in frames if f.shape[0] or f is old], axis=0, join="outer")
     for col in obs.columns:
-        if obs[col].dtype == object or isinstance(obs[col].dtype, pd.CategoricalDtype):
-            obs[col] = obs[col].astype(str).where(obs[col].notna(), None).astype("category")
+        values = obs[col]
+        if values.dtype == object and values.dropna().map(lambda v: isinstance(v, bool | np.bool_)).all():
+            obs[col] = values.astype("boolean")  # a bool column missing from some inputs: keep it boolean
+        elif values.dtype == object or isinstance(values.dtype, pd.CategoricalDtype):
+            obs[col] = values.astype(str).where(values.notna(), None).astype("category")
     old_cats = list(old["batch"].cat.categories) if "batch" in old else []
     new_cats = old_cats + [c for c in pd.unique(obs["batch"].astype(str)) if c not in old_cats]
     obs["batch"] = pd.Categorical(obs["batch"].astype(str), categories=new_cats)

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -47,43 +48,91 @@ HISTORY = 100
 
 
 class TxnStore(LocalStore):
-    """A Zarr ``LocalStore`` whose every set/delete is a fault point and whose written keys are remembered."""
+    """A Zarr ``LocalStore`` for a transaction's private copy.
+
+    Every set/delete is a fault point; written keys are remembered (fsynced at commit); writes in flight are
+    counted, so that an abort can close the store and wait for them before removing the copy (Zarr writes chunks
+    concurrently: when one fails, others may still be running and would re-create the deleted directory).
+    """
 
     def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
         super().__init__(root, read_only=read_only)
         self.written: set[str] = set()
+        self._state = {"in_flight": 0, "closed": False}
+        self._guard = threading.Lock()
 
     def with_read_only(self, read_only: bool = False) -> TxnStore:
         other = type(self)(self.root, read_only=read_only)
-        other.written = self.written
+        other.written, other._state, other._guard = self.written, self._state, self._guard
         return other
 
+    def _enter(self, op: str, key: str) -> None:
+        with self._guard:
+            if self._state["closed"]:
+                raise AtlasFormatError(f"{self.root}: the transaction was aborted")
+            self._state["in_flight"] += 1
+        try:
+            point(op, key)
+        except BaseException:
+            self._leave()
+            raise
+
+    def _leave(self) -> None:
+        with self._guard:
+            self._state["in_flight"] -= 1
+
+    def close_and_drain(self, timeout: float = 30.0) -> None:
+        """Refuse new writes and wait for those in flight (so nothing re-creates the copy after an abort)."""
+        with self._guard:
+            self._state["closed"] = True
+        deadline = time.monotonic() + timeout
+        while self._state["in_flight"] > 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     async def set(self, key: str, value: Any) -> None:
-        point("zarr.set", key)
-        self.written.add(key)
-        await super().set(key, value)
+        self._enter("zarr.set", key)
+        try:
+            self.written.add(key)
+            await super().set(key, value)
+        finally:
+            self._leave()
 
     async def set_if_not_exists(self, key: str, value: Any) -> None:
-        point("zarr.set", key)
-        self.written.add(key)
-        await super().set_if_not_exists(key, value)
+        self._enter("zarr.set", key)
+        try:
+            self.written.add(key)
+            await super().set_if_not_exists(key, value)
+        finally:
+            self._leave()
 
     def set_sync(self, key: str, value: Any) -> None:
-        point("zarr.set", key)
-        self.written.add(key)
-        super().set_sync(key, value)
+        self._enter("zarr.set", key)
+        try:
+            self.written.add(key)
+            super().set_sync(key, value)
+        finally:
+            self._leave()
 
     async def delete(self, key: str) -> None:
-        point("zarr.delete", key)
-        await super().delete(key)
+        self._enter("zarr.delete", key)
+        try:
+            await super().delete(key)
+        finally:
+            self._leave()
 
     def delete_sync(self, key: str) -> None:
-        point("zarr.delete", key)
-        super().delete_sync(key)
+        self._enter("zarr.delete", key)
+        try:
+            super().delete_sync(key)
+        finally:
+            self._leave()
 
     async def delete_dir(self, prefix: str) -> None:
-        point("zarr.delete", prefix)
-        await super().delete_dir(prefix)
+        self._enter("zarr.delete", prefix)
+        try:
+            await super().delete_dir(prefix)
+        finally:
+            self._leave()
 
 
 def temporaries(target: Path) -> list[tuple[str, Path]]:
@@ -178,7 +227,12 @@ class Transaction:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             if exc_type is None:
-                self.commit()
+                try:
+                    self.commit()
+                except BaseException:
+                    if not self.committed:
+                        self.abort()
+                    raise
             else:
                 self.abort()
         finally:
@@ -216,6 +270,7 @@ class Transaction:
         history.append({"generation": generation, "command": self.command, "time": time.time()})
         state.update(generation=generation, history=history)
         atlas.write_state(state)
+        atlas.flush_state()
         atlas.consolidate()
         for dirpath, _, files in os.walk(self.work):
             for name in files:
@@ -232,6 +287,8 @@ class Transaction:
 
     def abort(self) -> None:
         try:
+            if self.store is not None:
+                self.store.close_and_drain()
             remove_tree(self.work)
         except BaseException:  # noqa: BLE001 - an orphan is removed by the next writer
             pass
