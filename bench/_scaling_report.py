@@ -40,7 +40,8 @@ def _ours_pipeline(st: dict[str, dict]) -> dict[str, Any] | None:
     source = st.get("preprocess", {}).get("ingest_source", "synthetic")
     names = [INGEST_STAGE[source], *PIPELINE[1:]]
     if not any(s in st for s in names):
-        return None
+        t = st.get("total")  # a size ours did not run (insufficient_disk, no input file)
+        return {"status": t["status"], "error": t.get("error")} if t else None
     bad = next((s for s in names if st.get(s, {}).get("status") != "ok"), None)
     if bad is not None:
         r = st.get(bad, {})

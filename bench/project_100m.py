@@ -5,7 +5,8 @@
 
 Built from measured inputs, each printed beside the projection with the file it comes from:
 
-* per-cell wall time of every stage of ours at the largest size measured in ``scaling.json`` (ingest from a file
+* per-cell wall time of every stage of ours at the largest size measured in ``scaling.json`` (or the files given
+  with ``--scaling``, e.g. the 4M-cell run beside the 1M one; ingest from a file
   when ``run_scaling.py --ingest-from h5ad`` has recorded it, else the synthetic ingest, which includes generating
   the data: an upper bound), on that machine's cores;
 * preprocessing's per-cell cost from ``preprocess.json`` (shown beside the first, as a cross-check);
@@ -81,14 +82,19 @@ def gpu_measurement(gpu_dir: Path | None) -> tuple[float | None, str | None]:
 
 def project(a: argparse.Namespace) -> dict[str, Any]:
     res = Path(a.results)
-    scaling = _load(res / "scaling.json")
-    if scaling is None:
-        raise SystemExit(f"{res / 'scaling.json'} not found: run bench/run_scaling.py first (or pass --results)")
+    files = [Path(f) for f in a.scaling.split(",")] if a.scaling else [res / "scaling.json"]
+    scaling = {"results": []}
+    for f in files:
+        part = _load(f)
+        if part is None:
+            raise SystemExit(f"{f} not found: run bench/run_scaling.py first (or pass --results / --scaling)")
+        scaling["machine"] = scaling.get("machine") or part["machine"]
+        scaling["results"] += [{**r, "file": str(f)} for r in part["results"]]
     cores = scaling["machine"].get("usable_cores") or scaling["machine"]["cpu_cores"]
     stages = measured_stages(scaling, a.tool)
     missing = [s for s in ("ingest", "preprocess", "fit", "embed") if s not in stages]
     if missing:
-        raise SystemExit(f"{res / 'scaling.json'} has no completed {', '.join(missing)} row(s) for {a.tool}")
+        raise SystemExit(f"{', '.join(map(str, files))}: no completed {', '.join(missing)} row(s) for {a.tool}")
     inputs: list[dict[str, Any]] = []
     per_cell: dict[str, float] = {}
     for s in (*STREAMING, "fit"):
@@ -101,7 +107,7 @@ def project(a: argparse.Namespace) -> dict[str, Any]:
                 "synthetic: includes generating the data (an upper bound for ingest)"}.get(s, "")  # fmt: skip
         inputs.append({"what": f"{s} at {r['n_cells']:,} cells", "wall_s": r["wall_s"], "peak_rss_mb": r.get("peak_rss_mb"),
                        "cells_per_s": r["n_cells"] / r["wall_s"] if s != "fit" else r.get("cells_per_s"),
-                       "iterations": r.get("iterations"), "file": str(res / "scaling.json"), "note": note,
+                       "iterations": r.get("iterations"), "file": r["file"], "note": note,
                        "cores": cores})  # fmt: skip
     fit = stages["fit"]
     cpu_it_s = fit.get("iterations_per_s") or fit["iterations"] / fit["wall_s"]
@@ -212,6 +218,9 @@ def markdown(p: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=str(REPO / "bench" / "results" / "amd-epyc-2c"))
+    p.add_argument("--scaling", default=None,
+                   help="comma-separated scaling.json files (default RESULTS/scaling.json); each stage's largest "
+                        "completed size is used, e.g. RESULTS/scaling.json,RESULTS/beyond_1m/scaling.json")
     p.add_argument("--tool", default="scalex-scale")
     p.add_argument("--cells", type=int, default=100_000_000)
     p.add_argument("--nodes", default="1,8", help="node counts to project")

@@ -149,6 +149,12 @@ def test_merge_replaces_by_tool_and_size():
     assert run_scaling.replaced(new, subset=True) == {("scalex-scale", 10, "fit"), ("scvi", 10)}
     assert run_scaling.per_tool("scvi=60", 5.0) == {"scvi": 60.0, "harmony": 5.0}
     assert run_scaling.per_tool("7", 5.0) == {"scvi": 7.0, "harmony": 7.0}
+    with pytest.raises(Exception, match="unknown peer"):
+        run_scaling.per_tool("scanvi=3", 5.0)
+    _, args = run_scaling.parse_args(["--genes-per-cell", "1000"])
+    measured = [{"n_cells": 1000, "store_disk_bytes": 2e6}, {"n_cells": 4000, "store_disk_bytes": 1.2e7}]
+    assert run_scaling.disk_needed(10_000, args, measured, h5ad=False) == pytest.approx(1.15 * 10_000 * 3000)
+    assert run_scaling.disk_needed(10_000, args, measured, h5ad=True) == pytest.approx(1.15 * 10_000 * (3000 + 8000))
 
 
 def test_peer_availability_names_the_fix(tmp_path):
