@@ -23,4 +23,4 @@ def test_demo_small(tmp_path, capsys):
     # an existing directory that is not a demo is not overwritten
     (tmp_path / "mine").mkdir()
     with pytest.raises(FileExistsError):
-        main(["demo", "--outdir", str(tmp_path / "mine"), "--n-cells", "500", "--max-iterations", "5"])
+        main(["demo", "--outdir", str(tmp_path / "mine"), "--n-cells", "500", "--max-iterations", "5", "--device", "cpu"])
