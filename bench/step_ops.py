@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import header, results_dir  # noqa: E402
 
 
-def synthetic_batch(n_cells: int, n_features: int, n_domains: int, nnz_per_row: int, seed: int = 0):
+def synthetic_batch(n_cells: int, n_features: int, n_domains: int, nnz_per_row: int, seed: int = 0,
+                    pin_memory: bool = False):
     """A CSRBatch like the loader's: float16 values in (0, 1], int32 columns, int64 domains."""
     from scalex_scale.data.loader import InMemorySource, TrainingLoader
 
@@ -43,7 +44,7 @@ def synthetic_batch(n_cells: int, n_features: int, n_domains: int, nnz_per_row: 
     domain = rng.integers(0, n_domains, n_rows).astype(np.int32)
     source = InMemorySource.from_arrays(indptr, indices, data, domain, n_features, n_domains)
     loader = TrainingLoader(source, batch_size=n_cells, shard_size=n_rows, buffer_shards=1, seed=seed,
-                            pin_memory=torch.cuda.is_available() and False)
+                            pin_memory=pin_memory)
     with loader.epoch(0) as batches:
         return next(iter(batches))
 
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-features", type=int, default=2000)
     p.add_argument("--n-domains", type=int, default=8)
     p.add_argument("--nnz-per-row", type=int, default=400)
+    p.add_argument("--dsbn-backend", choices=["auto", "torch", "triton"], default="auto",
+                   help="triton on a CPU needs TRITON_INTERPRET=1 (its launches are counted; the rest as on CUDA)")
     p.add_argument("--k1", type=int, default=8)
     p.add_argument("--k2", type=int, default=24)
     p.add_argument("--label", default=None, help="store under this label in --out (keeps other labels)")
@@ -78,12 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = TrainConfig(device=a.device, batch_size=bs, progress=False, **parse_config(text))
 
             def make() -> SCALEXModule:
-                return SCALEXModule(a.n_features, a.n_domains, seed=0)
+                return SCALEXModule(a.n_features, a.n_domains, seed=0, dsbn_backend=a.dsbn_backend)
 
             r = count_step_ops(make, cfg, batch, k1=a.k1, k2=a.k2).to_dict()
             r["config"] = text
             rows.append(r)
-            print(f"batch {bs:5d} {text:14s} ops/step {r['ops']:6.1f} syncs {r['host_syncs']:.2f}"
+            r["dsbn_backend"] = a.dsbn_backend
+            print(f"batch {bs:5d} {text:14s} ops/step {r['ops']:6.1f} triton {r['triton']:.0f} syncs {r['host_syncs']:.2f}"
                   + (f" kernels {r['kernels']:.1f} launches {r['launches']:.1f} h2d {r['h2d_copies']:.1f}"
                      if r.get("kernels") is not None else ""), flush=True)
     run = {**header(), "settings": vars(a) | {"out": str(a.out)}, "results": rows}

@@ -9,28 +9,37 @@ executes its :class:`~scalex_scale.data.samplers.LoadRequest` plan:
                        per buffer: a few contiguous       in plan order: joins     (bounded,
                        source.read calls, then a          batches that straddle    _QUEUE_BATCHES)
                        vectorised numpy gather of each    buffers, wraps torch
-                       batch's rows (compact CSR)         tensors, optional pin
+                       batch's rows (compact CSR) and     tensors; with pin_memory
+                       each value's flat position         packs each batch into a
+                       row * n_features + column          slot of a pinned ring
 
 At most ``prefetch`` buffers are being read or wait, decoded, ahead of the buffer the assembler is
-draining, so the memory in flight is about ``(prefetch + 1)`` gathered buffers (6 bytes per non-zero:
-int32 index + float16 value) plus up to ``num_workers`` raw buffers during reads (4 bytes per
-non-zero as stored). With the defaults (65,536-row buffers, prefetch 2, 2 workers) and ~400
-non-zeros per row that is 3 x ~160 MB + 2 x ~105 MB, about 0.7 GB. Batches stay compact (float16 or
-float32 values, int32 indices, int64 indptr and domain) until :meth:`CSRBatch.to_dense` densifies
-them on the training device.
+draining, so the memory in flight is about ``(prefetch + 1)`` gathered buffers (10 bytes per non-zero:
+int32 index + int32 flat position + float16 value) plus up to ``num_workers`` raw buffers during reads
+(4 bytes per non-zero as stored). With the defaults (65,536-row buffers, prefetch 2, 2 workers) and
+~400 non-zeros per row that is 3 x ~260 MB + 2 x ~105 MB, about 1 GB. Batches stay compact until
+:meth:`CSRBatch.to_dense` (or :meth:`CSRBatch.stage` + ``densify``) densifies them on the training
+device; with ``pin_memory`` a batch is one page-locked buffer (domain, flat positions, values), so it
+costs one host-to-device copy (:mod:`scalex_scale.data.batch`, :mod:`scalex_scale.data.pinned`).
 
-A buffer is read and gathered whole before its first batch is passed on, so the first batch of an
-epoch comes after one buffer's read + gather (~0.2-0.5 s for 65,536 rows at ~400 non-zeros per row on
-one core; more on a busy host); after that the pipeline runs ahead of the consumer.
+A buffer is read and gathered whole before its first batch is passed on, so the first batch of a
+pipeline comes after one buffer's read + gather (~0.2-0.5 s for 65,536 rows at ~400 non-zeros per row
+on one core; more on a busy host); after that the pipeline runs ahead of the consumer. The pipeline is
+persistent (``persistent=True``, the default): it reads on into the next epoch's plan when an epoch's
+last batch was yielded, so epochs do not restart it (at 1M cells and batch 64, the default 30,000
+iterations span two epochs; at batch 4,096 one epoch is ~240 iterations, i.e. 120+ restarts without).
 
 Stopping early is safe: :meth:`EpochIterator.close` (also called by ``with``, by garbage collection
-of the iterator, at the end of the epoch, and when an error is raised) stops the threads and joins
-them, waiting at most for the ``source.read`` in progress. An exception in a reader or in the plan is
-re-raised in the consumer as the original exception object, with the worker's traceback.
+of the iterator, and when an error is raised) stops the threads and joins them, waiting at most for
+the ``source.read`` in progress; a pipeline left running for the next epoch is stopped by
+:meth:`TrainingLoader.close` (or ``with``, or garbage collection of the loader). An exception in a
+reader or in the plan is re-raised in the consumer as the original exception object, with the
+worker's traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import queue
 import threading
@@ -648,12 +657,7 @@ class TrainingLoader:
             pipeline = _Pipeline(self.source, requests, self.config, self._ring)
             self.restarts += 1
         self._live[:] = [None, None]
-        on_exhausted = None
-        if self.config.persistent:
-
-            def on_exhausted(live: list[Any] = self._live, p: _Pipeline = pipeline, e: int = epoch) -> None:
-                live[:] = [p, (e + 1, 0)]
-
+        on_exhausted = functools.partial(_hand_over, self._live, pipeline, epoch + 1) if self.config.persistent else None
         return EpochIterator(pipeline, n - start_batch, on_exhausted)
 
     def close(self) -> None:
@@ -669,6 +673,11 @@ class TrainingLoader:
     def __iter__(self) -> Iterator[CSRBatch]:
         """Batches of epoch 0."""
         return self.epoch(0)
+
+
+def _hand_over(live: list[Any], pipeline: _Pipeline, next_epoch: int) -> None:
+    """An epoch was fully yielded: keep its pipeline as the loader's live one, at (next_epoch, 0)."""
+    live[:] = [pipeline, (next_epoch, 0)]
 
 
 def _close_live(live: list[Any]) -> None:

@@ -11,6 +11,8 @@ Counted per step:
 - ``ops``: leaf ``aten::`` operators on the training thread that do work (views, allocations and
   other metadata-only operators are left out). On a CPU this is the number of kernels the same step
   launches on CUDA (the same aten operators dispatch there), give or take fused implementations.
+- ``triton``: launches of the Triton DSBN kernels (counted at the launcher; under
+  ``TRITON_INTERPRET=1`` on a CPU too), so ``ops + triton`` estimates the kernels of the CUDA step.
 - ``host_syncs``: ``aten::item`` / ``aten::_local_scalar_dense`` calls (each a device-to-host sync
   on CUDA) and, on CUDA, the runtime's synchronize calls.
 - on CUDA only: ``kernels`` (device activity: kernels, memcpys, memsets; a replayed graph's kernels
@@ -21,6 +23,10 @@ Counted per step:
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
+import importlib
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -61,6 +67,7 @@ KERNEL_OPS = frozenset(
 )  # fmt: skip
 
 _SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
+TRITON_RANGE = "scalex::triton_launch"
 _COPY_OPS = ("aten::copy_", "aten::_to_copy")
 
 
@@ -81,8 +88,9 @@ def leaf_op_counts(events: Any, thread: int | None = None) -> tuple[collections.
     """Kernel-equivalent aten operators in profiler ``events`` (recorded with ``record_shapes=True``),
     and the number of host syncs.
 
-    An operator counts when it is in :data:`KERNEL_OPS` (its descendants then do not), or when it
-    does work (not in :data:`METADATA_OPS`, not a scalar wrap) and no descendant counts. ``thread``:
+    An operator counts when it is in :data:`KERNEL_OPS` or is a ``_foreach_`` operator (one
+    multi-tensor kernel on CUDA; on a CPU it loops over the tensors), its descendants then do not;
+    or when it does work (not in :data:`METADATA_OPS`, not a scalar wrap) and no descendant counts. ``thread``:
     keep only the events of this thread id (the profiler's ``FunctionEvent.thread``).
     """
     counts: collections.Counter[str] = collections.Counter()
@@ -90,13 +98,15 @@ def leaf_op_counts(events: Any, thread: int | None = None) -> tuple[collections.
 
     def visit(ev: Any) -> bool:
         """Count ``ev``'s subtree; True when something in it was counted."""
+        if ev.name == TRITON_RANGE:  # counted at the launcher; under the interpreter its copies are no kernels
+            return True
         if ev.name in _SYNC_OPS:
             nonlocal syncs
             if ev.name == "aten::_local_scalar_dense" or not any(
                 c.name == "aten::_local_scalar_dense" for c in ev.cpu_children
             ):
                 syncs += 1
-        if ev.name in KERNEL_OPS:
+        if ev.name in KERNEL_OPS or ev.name.startswith("aten::_foreach_"):  # a foreach op: one multi-tensor kernel
             counts[ev.name] += 1
             return True
         below = False
@@ -125,6 +135,7 @@ class StepOps:
     steps: int
     ops: float
     host_syncs: float
+    triton: float = 0.0
     kernels: float | None = None
     launches: float | None = None
     h2d_copies: float | None = None
@@ -138,6 +149,8 @@ class _RepeatLoader:
     """An EpochLoader yielding one batch over and over (one long epoch)."""
 
     def __init__(self, batch: Any, n: int) -> None:
+        if getattr(batch, "lease", None) is not None:  # a pinned-ring batch: reused here, never handed back
+            batch = dataclasses.replace(batch, lease=None)
         self.batch, self.n = batch, n
 
     @property
@@ -166,6 +179,41 @@ def _cuda_counts(prof: Any) -> tuple[int, int, int, int]:
     return kernels, launches, syncs, h2d
 
 
+class _CountingKernel:
+    """Stands in for a ``@triton.jit`` kernel and counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel: Any, counter: collections.Counter[str], name: str) -> None:
+        self._kernel, self._counter, self._name = kernel, counter, name
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        launch = self._kernel[grid]
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            self._counter[self._name] += 1
+            with torch.profiler.record_function(TRITON_RANGE):
+                return launch(*args, **kwargs)
+
+        return run
+
+
+@contextlib.contextmanager
+def _count_triton_launches() -> Iterator[collections.Counter[str]]:
+    """Count launches of the DSBN Triton kernels (when their module is loaded) while the block runs."""
+    counter: collections.Counter[str] = collections.Counter()
+    module = sys.modules.get("scalex_scale.kernels.dsbn_triton")
+    saved = {}
+    if module is not None:
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                saved[name] = getattr(module, name)
+                setattr(module, name, _CountingKernel(saved[name], counter, name))
+    try:
+        yield counter
+    finally:
+        for name, kernel in saved.items():
+            setattr(module, name, kernel)
+
+
 def _profile_fit(
     make_module: Callable[[], SCALEXModule], config: TrainConfig, batch: Any, steps: int
 ) -> dict[str, Any]:
@@ -177,14 +225,16 @@ def _profile_fit(
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     if on_cuda:
         torch.cuda.synchronize(trainer.device)
-    with profile(activities=activities, record_shapes=True) as prof:
+    if trainer.dsbn_backend == "triton":
+        importlib.import_module("scalex_scale.kernels.dsbn_launch")  # so that its kernels can be counted
+    with _count_triton_launches() as launches, profile(activities=activities, record_shapes=True) as prof:
         trainer.fit(_RepeatLoader(batch, steps + 1))
         if on_cuda:
             torch.cuda.synchronize(trainer.device)
     counts, syncs = leaf_op_counts(prof.events(), thread=threading.get_native_id())
     if not counts:  # the profiler's thread ids are not native ids on every build: keep all threads
         counts, syncs = leaf_op_counts(prof.events())
-    out: dict[str, Any] = {"counts": counts, "syncs": syncs}
+    out: dict[str, Any] = {"counts": counts, "syncs": syncs, "triton": sum(launches.values())}
     if on_cuda:
         out["kernels"], out["launches"], out["cuda_syncs"], out["h2d"] = _cuda_counts(prof)
     return out
@@ -239,6 +289,7 @@ def count_step_ops(
         steps=n,
         ops=sum(by_name.values()),
         host_syncs=syncs,
+        triton=(b["triton"] - a["triton"]) / n,
         by_name=by_name,
         **extra,
     )
