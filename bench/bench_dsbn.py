@@ -1,7 +1,7 @@
 """Benchmark DSBN forward + backward: the original SCALEX loop, the vectorized torch reference, the Triton kernels.
 
-For B in {64, 512, 4096}, F = 2000, D in {2, 16, 256} (training mode, random unsorted domain ids), times one
-forward + backward call of
+For B in {64, 512, 4096}, F = 2000, D in {2, 16, 256} (training mode, random unsorted domain ids; other shapes with
+``--batch-sizes`` / ``--n-domains``), times one forward + backward call of
 
 - ``loop``:   the original SCALEX 1.0.4 DSBN (Python loop over domains, ``np.where`` on host copies);
 - ``torch``:  ``scalex_scale.kernels.dsbn_reference`` (vectorized, sync-free);
@@ -180,6 +180,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-sizes", default=None, help="comma-separated B (default 64,512,4096; --quick 64,512)")
+    p.add_argument("--n-domains", default=None, help="comma-separated D (default 2,16,256; --quick 2,16)")
+    p.add_argument("--n-features", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method and shape")
     return p.parse_args(argv)
 
 
@@ -188,14 +192,19 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available")
     on_gpu = dev == "cuda"
+
+    def ints(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+        return default if not text else tuple(int(v) for v in text.split(","))
+
+    repeats = (5 if args.quick else 50) if on_gpu else (3 if args.quick else 10)
     return BenchConfig(
         device=torch.device(dev),
-        batch_sizes=(64, 512) if args.quick else (64, 512, 4096),
-        n_features=2000,
-        n_domains=(2, 16) if args.quick else (2, 16, 256),
+        batch_sizes=ints(args.batch_sizes, (64, 512) if args.quick else (64, 512, 4096)),
+        n_features=int(args.n_features),
+        n_domains=ints(args.n_domains, (2, 16) if args.quick else (2, 16, 256)),
         dtype=getattr(torch, args.dtype),
         warmup=(2 if args.quick else 10) if on_gpu else 1,
-        repeats=(5 if args.quick else 50) if on_gpu else (3 if args.quick else 10),
+        repeats=int(args.repeats) if args.repeats else repeats,
         seed=args.seed,
     )
 

@@ -49,7 +49,8 @@ def run_ours(n: int, args: argparse.Namespace, work: Path, t0: float) -> list[di
     plan = [
         ("ingest", "synthetic", {**data, "store": store}),
         ("preprocess", "preprocess", {"store": store, "min_features": args.min_features}),
-        ("fit", "fit", {**common, "max_iterations": args.max_iterations, "seed": args.seed, "precision": args.precision}),
+        ("fit", "fit", {**common, "max_iterations": args.max_iterations, "seed": args.seed, "precision": args.precision,
+                        "cuda_graphs": args.cuda_graphs}),
         ("embed", "embed", common),
         ("transfer", "transfer", {"store": store, "label_key": "celltype", "query_batches": [f"batch{args.n_batches - 1}"]}),
         ("evaluate", "evaluate", {"store": store, "label_key": "celltype", "seed": args.seed}),
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="10000,50000,250000,1000000")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--cuda-graphs", action="store_true", help="fit with the captured step (CUDA only)")
     p.add_argument("--reference", action="store_true", help="also run scalex 1.0.4 (bench/.ref-venv)")
     p.add_argument("--reference-timeout", type=float, default=4 * 3600, help="time budget of one reference run (s)")
     p.add_argument("--reference-memory-gb", type=float, default=20.0,
@@ -297,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rebuild_reference:
         return rebuild_reference(results_dir(args.out), Path(args.workdir))
-    args.tool = "scalex-scale" if args.precision == "fp32" else f"scalex-scale-{args.precision}"
+    args.tool = ("scalex-scale" if args.precision == "fp32" else f"scalex-scale-{args.precision}") + (
+        "-graphs" if args.cuda_graphs else "")
     if args.reference and not REF_PY.exists():
         p.error(f"{REF_PY} is missing: run bench/make_reference_env.sh first")
     work = Path(args.workdir)
