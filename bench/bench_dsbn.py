@@ -136,7 +136,8 @@ def methods(device: torch.device) -> dict[str, DsbnFn]:
     return out
 
 
-def run_all(cfg: BenchConfig) -> list[Result]:
+def run_all(cfg: BenchConfig, on_shape: Callable[[list[Result]], None] | None = None) -> list[Result]:
+    """Every (B, D) shape; ``on_shape(results so far)`` after each (e.g. to write the files as it goes)."""
     fns = methods(cfg.device)
     results: list[Result] = []
     for n_rows in cfg.batch_sizes:
@@ -151,11 +152,13 @@ def run_all(cfg: BenchConfig) -> list[Result]:
                 results.append(r)
                 print(f"B={n_rows:5d} F={cfg.n_features} D={n_domains:4d} {name:7s} {med:9.3f} ms "
                       f"(min {min(ts):.3f}, x{r.speedup_vs_loop} vs loop)", flush=True)
+            if on_shape is not None:
+                on_shape(results)
     return results
 
 
 # ------------------------------------------------------------------------------------------------------ output
-def write_results(out_dir: Path, results: list[Result], cfg: BenchConfig) -> None:
+def write_results(out_dir: Path, results: list[Result], cfg: BenchConfig, quiet: bool = False) -> None:
     """``dsbn.json`` (with the machine, versions and git commit of ``_env.header``) and ``dsbn.csv``."""
     payload = {
         "benchmark": "dsbn forward+backward (training mode), ms per call",
@@ -168,7 +171,8 @@ def write_results(out_dir: Path, results: list[Result], cfg: BenchConfig) -> Non
         writer.writeheader()
         for r in results:
             writer.writerow(asdict(r))
-    print(f"wrote {out_dir / 'dsbn.json'} and {out_dir / 'dsbn.csv'}")
+    if not quiet:
+        print(f"wrote {out_dir / 'dsbn.json'} and {out_dir / 'dsbn.csv'}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = build_config(args)
-    results = run_all(cfg)
-    write_results(results_dir(args.out, device=cfg.device.type), results, cfg)
+    out = results_dir(args.out, device=cfg.device.type)
+    results = run_all(cfg, on_shape=lambda so_far: write_results(out, so_far, cfg, quiet=True))
+    write_results(out, results, cfg)
     return 0
 
 

@@ -83,7 +83,10 @@ case "$MODE" in
   fetch) fetch_wheels ;;
   dry) exec $PY bench/device_check.py run "${ARGS[@]}" ;;
   device)
-    export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+    # PYTHONSAFEPATH: no `python -m ...` (pytest, torchrun's workers) may put the repository root on sys.path, where
+    # the bare scalex_scale/ folder (without kernels/, which is installed as scalex_scale.kernels) would shadow the
+    # package built into /tmp/scalex-dc/site/pkg. The bench scripts add their own folder to sys.path themselves.
+    export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
     [ -n "${OUT:-}" ] || export OUT="$REPO/bench/_work/device_check"
     mkdir -p "$OUT"
     install_on_device

@@ -63,7 +63,7 @@ def _densify(x: sp.csr_matrix, start: int, stop: int, pinned: bool) -> torch.Ten
     if not pinned:
         return torch.from_numpy(rows.toarray())
     out = torch.zeros(rows.shape, dtype=torch.float32, pin_memory=True)
-    rows.toarray(out=out.numpy())  # csr toarray adds into ``out``: it must start at zero
+    rows.astype(np.float32, copy=False).toarray(out=out.numpy())  # adds into ``out``: it must start at zero
     return out
 
 

@@ -95,3 +95,16 @@ def test_pipelined_embedding_on_cuda_matches_the_serial_path(monkeypatch: pytest
     for (_, x), (_, mu) in zip(chunks, got, strict=True):
         want = embedding.encode(module, x, torch.device("cuda"))
         np.testing.assert_array_equal(mu, want)  # same kernels on the same blocks
+
+
+def test_pinned_densify_adds_into_a_zeroed_float32_buffer(monkeypatch: pytest.MonkeyPatch):
+    """The CUDA path densifies into page-locked float32 memory (toarray(out=...) adds: it must start at zero);
+    checked here with ordinary memory standing in for pinned memory, and float64 input."""
+    from scalex_scale import encode_pipeline
+
+    zeros = torch.zeros
+    monkeypatch.setattr(encode_pipeline.torch, "zeros", lambda *a, pin_memory=False, **k: zeros(*a, **k))
+    x = sp.random(9, N_FEATURES, density=0.4, format="csr", dtype=np.float64, random_state=3)
+    got = encode_pipeline._densify(x, 2, 8, pinned=True)
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), x[2:8].toarray().astype(np.float32))

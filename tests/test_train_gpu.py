@@ -89,11 +89,11 @@ def test_capture_is_not_invalidated_by_another_thread_using_cuda() -> None:
     assert not errors and result.n_iterations == 40 and math.isfinite(result.history[-1].loss)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_compile_on_cuda_trains_like_eager(precision: str) -> None:
+def test_compile_on_cuda_trains_like_eager() -> None:
+    """Inductor on CUDA (fp32; bf16 with compile is covered on the CPU, each compile here costs ~20 s)."""
     torch._dynamo.reset()
-    _, compiled, _ = _fit(_config(precision=precision, compile=True, max_iterations=64))
-    _, eager, _ = _fit(_config(precision=precision, max_iterations=64))
+    _, compiled, _ = _fit(_config(compile=True, max_iterations=64))
+    _, eager, _ = _fit(_config(max_iterations=64))
     for a, b in zip(compiled.history, eager.history, strict=True):
         assert a.loss == pytest.approx(b.loss, rel=2e-3)
 

@@ -8,7 +8,7 @@ capture and the epoch bookkeeping cancel, what remains is the steady-state step,
 
 Counted per step:
 
-- ``ops``: leaf ``aten::`` operators on the training thread that do work (views, allocations and
+- ``ops``: leaf ``aten::`` operators (all threads: the backward may run on autograd's device thread) that do work (views, allocations and
   other metadata-only operators are left out). On a CPU this is the number of kernels the same step
   launches on CUDA (the same aten operators dispatch there), give or take fused implementations.
 - ``triton``: launches of the Triton DSBN kernels (counted at the launcher; under
@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import importlib
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -231,9 +230,9 @@ def _profile_fit(
         trainer.fit(_RepeatLoader(batch, steps + 1))
         if on_cuda:
             torch.cuda.synchronize(trainer.device)
-    counts, syncs = leaf_op_counts(prof.events(), thread=threading.get_native_id())
-    if not counts:  # the profiler's thread ids are not native ids on every build: keep all threads
-        counts, syncs = leaf_op_counts(prof.events())
+    # every thread: on CUDA the backward runs on the autograd engine's device thread (the repeated batch
+    # involves no loader threads)
+    counts, syncs = leaf_op_counts(prof.events())
     out: dict[str, Any] = {"counts": counts, "syncs": syncs, "triton": sum(launches.values())}
     if on_cuda:
         out["kernels"], out["launches"], out["cuda_syncs"], out["h2d"] = _cuda_counts(prof)
