@@ -3,7 +3,9 @@
 The loop lives apart from the module (:mod:`scalex_scale.nn`) and from files
 (:mod:`scalex_scale.train.checkpoint`). Device-to-host syncs happen once per epoch (reading the
 epoch's loss sums), once per ``log_every`` steps when the progress bar is shown, when a
-:class:`TrainerState` snapshot is taken, and once at the end for the timing.
+:class:`TrainerState` snapshot is taken, and once at the end for the timing. On CUDA each batch
+is copied to the device one step ahead, on a side stream (one copy of a packed batch), and
+densified on the compute stream; ``bench/step_ops.py`` counts what one step launches.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class EpochLoader(Protocol):
     """What :meth:`Trainer.fit` needs from a loader.
 
     ``epoch(e, start_batch=b)`` must yield the same batches as ``epoch(e)`` from its ``b``-th batch
-    on (that makes mid-epoch resume exact).
+    on (that makes mid-epoch resume exact). Batches need ``stage(device)`` and ``n_cells``
+    (:class:`~scalex_scale.data.batch.CSRBatch` has them); the Trainer stages each batch once, one
+    batch ahead of the step (:func:`~scalex_scale.data.device.device_batches`).
     """
 
     @property
