@@ -96,7 +96,8 @@ def run_ours(n: int, args: argparse.Namespace, work: Path, h5ad: Path | None, t0
     plan = [
         ingest,
         ("preprocess", "preprocess", {"store": store, "min_features": args.min_features, "features_out": str(work / f"hvg_{n}.txt")}),
-        ("fit", "fit", {**common, "max_iterations": args.max_iterations, "seed": args.seed, "precision": args.precision}),
+        ("fit", "fit", {**common, "max_iterations": args.max_iterations, "seed": args.seed, "precision": args.precision,
+                        "cuda_graphs": args.cuda_graphs}),
         ("embed", "embed", common),
         ("transfer", "transfer", {"store": store, "label_key": "celltype", "query_batches": [f"batch{args.n_batches - 1}"]}),
         ("evaluate", "evaluate", {"store": store, "label_key": "celltype", "seed": args.seed}),
@@ -250,6 +251,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                    help=f"comma-separated, from {','.join(TOOLS)} (default: scalex-scale, plus reference with --reference)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--cuda-graphs", action="store_true", help="fit with the captured step (CUDA only)")
     p.add_argument("--reference", action="store_true", help="also run scalex 1.0.4 (bench/.ref-venv); = adding it to --tools")
     p.add_argument("--reference-timeout", type=float, default=4 * 3600, help="time budget of one reference run (s)")
     p.add_argument("--reference-memory-gb", type=float, default=20.0,
@@ -300,7 +302,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         args.peer_memory_gb = per_tool(args.peer_memory_gb, 20.0)
     except (argparse.ArgumentTypeError, ValueError) as err:
         p.error(str(err))
-    args.tool = "scalex-scale" if args.precision == "fp32" else f"scalex-scale-{args.precision}"
+    args.tool = ("scalex-scale" if args.precision == "fp32" else f"scalex-scale-{args.precision}") + (
+        "-graphs" if args.cuda_graphs else "")
     return p, args
 
 

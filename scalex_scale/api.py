@@ -165,7 +165,8 @@ def _fit_local(store, model_dir, module, source, config, prep, model_config, res
         save_checkpoint(model_dir, module, model_config=model_config, preprocess_state=prep, trainer_state=trainer_state)
 
     due = _every(loader, every)
-    result = trainer.fit(loader, start_state=start_state, on_epoch_end=lambda rec, tr: save(tr.state()) if due(rec) else None)
+    with loader:  # the loader's pipeline runs across epochs; stop it when fit returns
+        result = trainer.fit(loader, start_state=start_state, on_epoch_end=lambda rec, tr: save(tr.state()) if due(rec) else None)
     save(trainer.state())
     _record_model(store, model_dir, result, prep.get("train_id"))
     return result
@@ -200,7 +201,8 @@ def _fit_distributed(store, model_dir, module, source, config, prep, model_confi
             D.save_distributed_checkpoint(ctx, trainer, model_dir, model_config=model_config, preprocess_state=prep)
 
         due = _every(loader, every)
-        result = trainer.fit(loader, on_epoch_end=lambda rec, tr: save() if due(rec) else None)
+        with loader:  # the loader's pipeline runs across epochs; stop it when fit returns
+            result = trainer.fit(loader, on_epoch_end=lambda rec, tr: save() if due(rec) else None)
         D.sync_buffers(module, ctx)
         save()
         if ctx.is_main:

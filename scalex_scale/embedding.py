@@ -89,16 +89,25 @@ def embed_rows(
 ) -> int:
     """Write ``mu`` of atlas rows ``[start, stop)`` into ``target`` (NaN for cells failing QC).
 
-    Returns the number of cells embedded. Memory: a few row ranges at a time.
+    Reading + transforming (dask, ``n_workers``), densifying, copying and encoding overlap
+    (:func:`scalex_scale.encode_pipeline.encode_chunks`; the same blocks as :func:`encode`, so the
+    same result). Returns the number of cells embedded. Memory: a few row ranges at a time.
     """
+    from .encode_pipeline import encode_chunks
+
     start, stop = rows if rows is not None else (0, atlas.n_obs)
     codes = atlas.batch_codes
     runner = DaskRunner(str(atlas.directory), _ranges(atlas, start, stop), codes, n_workers=n_workers)
-    n = 0
     results = runner.map_ordered(lambda x, c: transform_chunk(x, c, state, maxabs=maxabs))
-    for (a, b), (values, mask) in zip(runner.ranges, results, strict=True):
+
+    def chunks():
+        for (a, b), (values, mask) in zip(runner.ranges, results, strict=True):
+            yield (a, b, mask), values
+
+    n = 0
+    for (a, b, mask), mu in encode_chunks(module, chunks(), device, block=ENCODE_BLOCK, threads=max(1, min(4, n_workers))):
         out = np.full((b - a, module.n_latent), np.nan, dtype=np.float32)
-        out[mask] = encode(module, values, device)
+        out[mask] = mu
         target[a:b] = out
         n += int(mask.sum())
     return n

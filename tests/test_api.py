@@ -30,7 +30,7 @@ def one_thread():
 
 
 def _train(max_iterations: int = 60) -> TrainConfig:
-    return TrainConfig(max_iterations=max_iterations, progress=False, seed=1)
+    return TrainConfig(max_iterations=max_iterations, progress=False, seed=1, device="cpu")  # stated: see the embed test
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,7 @@ def test_integrate_writes_latent_for_every_cell(trained):
 
 
 def test_embed_is_reproducible_from_checkpoint(trained):
+    """Trained and embedded on the CPU (``_train``'s device), embedded again on the CPU: bit identical."""
     _, out, _, _ = trained
     first = ad.read_zarr(out.atlas).obsm["latent"].copy()
     api.embed(out.atlas, out.model_dir, device="cpu")
@@ -75,7 +76,7 @@ def test_project_appends_new_batch_without_retraining(trained, tmp_path):
     before = ad.read_zarr(atlas)
     q = query.copy()
     q = q[:, q.var_names[::-1]].copy()  # different gene order: aligned by name
-    report = api.project(atlas, out.model_dir, [q], batch_key="batch")
+    report = api.project(atlas, out.model_dir, [q], batch_key="batch", device="cpu")
     after = ad.read_zarr(atlas)
     assert after.n_obs == ref.n_obs + query.n_obs
     assert report.batches == {str(query.obs["batch"].iloc[0]): query.n_obs}
@@ -85,7 +86,7 @@ def test_project_appends_new_batch_without_retraining(trained, tmp_path):
     assert qc.sum() == report.n_embedded > 0 and np.isfinite(new[qc]).all()
     assert (out.model_dir / "model.safetensors").read_bytes() == weights  # frozen model
     # separate query store: same embedding as appending
-    report2 = api.project(out.atlas, out.model_dir, [query], batch_key="batch", query_store=tmp_path / "q.zarr")
+    report2 = api.project(out.atlas, out.model_dir, [query], batch_key="batch", query_store=tmp_path / "q.zarr", device="cpu")
     qa = ad.read_zarr(tmp_path / "q.zarr")
     np.testing.assert_allclose(qa.obsm["latent"], new, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert report2.n_embedded == report.n_embedded
@@ -95,7 +96,7 @@ def test_project_appends_new_batch_without_retraining(trained, tmp_path):
 def test_project_reports_missing_genes(trained, tmp_path):
     _, out, _, query = trained
     q = query[:, query.var_names[50:]].copy()
-    report = api.project(out.atlas, out.model_dir, [q], batch_key="batch", query_store=tmp_path / "q.zarr")
+    report = api.project(out.atlas, out.model_dir, [q], batch_key="batch", query_store=tmp_path / "q.zarr", device="cpu")
     assert list(report.genes_missing.values()) == [50]
 
 
@@ -153,7 +154,7 @@ def test_transfer_and_evaluate(trained, tmp_path):
     _, out, ref, query = trained
     atlas = tmp_path / "atlas.zarr"
     shutil.copytree(out.atlas, atlas)
-    api.project(atlas, out.model_dir, [query], batch_key="batch")
+    api.project(atlas, out.model_dir, [query], batch_key="batch", device="cpu")
     qname = str(query.obs["batch"].iloc[0])
     summary = api.transfer(atlas, "celltype", k=10)
     a = ad.read_zarr(atlas)
