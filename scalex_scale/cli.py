@@ -84,10 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="create an atlas from inputs, or append them as new batches")
     p.add_argument("store")
-    p.add_argument("inputs", nargs="+", help=".h5ad, .h5 (10x), AnnData .zarr, or 10x MTX directories")
+    p.add_argument("inputs", nargs="+", help=".h5ad, .h5 (10x), AnnData .zarr, 10x MTX directories, or TileDB-SOMA experiments")
     _add_batch_args(p)
     p.add_argument("--join", choices=["inner", "outer"], default="inner", help="gene join of a new atlas")
     p.add_argument("--profile", choices=["RNA", "ATAC"], default="RNA")
+    soma = p.add_argument_group("TileDB-SOMA inputs (CELLxGENE Census; needs pip install \"scalex-scale[soma]\")")
+    soma.add_argument("--measurement", default=None, help="measurement to read (default: RNA)")
+    soma.add_argument("--layer", default=None, help="X layer with the raw counts (default: raw)")
+    soma.add_argument("--obs-filter", default=None, help="tiledbsoma value_filter on obs, e.g. \"tissue_general == 'blood'\"")
 
     p = sub.add_parser("info", help="summarise an atlas")
     p.add_argument("store")
@@ -160,7 +164,10 @@ def run(args: argparse.Namespace) -> int:
 
     cmd = args.command
     if cmd == "ingest":
-        report = api.ingest(args.store, args.inputs, batch_key=args.batch_key, batch_names=args.batch_names, join=args.join, profile=args.profile)
+        report = api.ingest(
+            args.store, args.inputs, batch_key=args.batch_key, batch_names=args.batch_names, join=args.join, profile=args.profile,
+            measurement=args.measurement, layer=args.layer, obs_filter=args.obs_filter,
+        )
         print(f"ingested {report.n_cells_added:,} cells into {report.path} ({report.n_genes:,} genes)")
         for b, n in report.batches_added.items():
             print(f"  batch {b}: {n:,} cells")

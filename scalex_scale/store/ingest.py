@@ -139,6 +139,9 @@ def ingest(
     join: Join = "inner",
     profile: Profile = "RNA",
     chunk_rows: int = 10_000,
+    measurement: str | None = None,
+    layer: str | None = None,
+    obs_filter: str | None = None,
 ) -> IngestReport:
     """Ingest inputs into the atlas at ``store``: create it, or append new batches to it.
 
@@ -148,7 +151,7 @@ def ingest(
         Atlas path. Created when absent (atomically: written aside, then renamed into place); otherwise the
         inputs are appended as new cells without rewriting the existing ones.
     inputs
-        Paths (``.h5ad``, ``.h5``, AnnData ``.zarr``, 10x MTX directories), in-memory AnnData objects, or
+        Paths (``.h5ad``, ``.h5``, AnnData ``.zarr``, 10x MTX directories, TileDB-SOMA experiments), in-memory AnnData objects, or
         :class:`~scalex_scale.store.readers.InputSource` objects (e.g. from :func:`~scalex_scale.store.readers.from_chunks`).
     batch_key
         Read each cell's batch from this obs column.
@@ -163,6 +166,10 @@ def ingest(
         ``"RNA"`` or ``"ATAC"``; the default profile of later preprocessing.
     chunk_rows
         Cells read per chunk.
+    measurement, layer, obs_filter
+        For TileDB-SOMA experiments (e.g. CELLxGENE Census; ``soma://URI`` or a local experiment directory):
+        the measurement (default ``"RNA"``), its X layer (default ``"raw"``) and a tiledbsoma ``value_filter``
+        on obs (e.g. ``"tissue_general == 'blood'"``). See :func:`~scalex_scale.store.readers_soma.open_soma`.
     """
     if profile not in ("RNA", "ATAC"):
         raise InputError(f"unknown profile {profile!r} (expected 'RNA' or 'ATAC')")
@@ -171,7 +178,8 @@ def ingest(
     if not inputs:
         raise InputError("no inputs given")
     store = Path(store)
-    sources = [open_input(obj, i) for i, obj in enumerate(inputs)]
+    soma = {k: v for k, v in {"measurement": measurement, "layer": layer, "obs_filter": obs_filter}.items() if v is not None}
+    sources = [open_input(obj, i, soma=soma) for i, obj in enumerate(inputs)]
     try:
         if store.exists():
             atlas = Atlas.open(store, mode="r+")

@@ -1,6 +1,6 @@
 """Input sources: every supported input becomes an object that streams CSR row chunks.
 
-Supported: ``.h5ad`` (opened backed, read in row chunks, never whole), AnnData Zarr stores, 10x Genomics
+Supported: TileDB-SOMA experiments (``readers_soma``, e.g. CELLxGENE Census), ``.h5ad`` (opened backed, read in row chunks, never whole), AnnData Zarr stores, 10x Genomics
 MTX directories (``matrix.mtx[.gz]``, ``features.tsv[.gz]``/``genes.tsv[.gz]``, ``barcodes.tsv[.gz]``), 10x
 ``.h5`` files (v2 and v3 layouts), in-memory :class:`anndata.AnnData`, and any iterable of
 ``(csr_chunk, obs_chunk)`` pairs (e.g. :func:`scalex_scale.datasets.synthetic_chunks`).
@@ -326,8 +326,21 @@ def from_chunks(
     return InputSource(name, var, chunks, n_obs)
 
 
-def open_input(obj: Any, index: int = 0) -> InputSource:
-    """Open any supported input (path or in-memory AnnData) as an :class:`InputSource`."""
+def open_input(obj: Any, index: int = 0, *, soma: dict[str, Any] | None = None) -> InputSource:
+    """Open any supported input (path, SOMA URI or in-memory AnnData) as an :class:`InputSource`.
+
+    ``soma``: keyword arguments of :func:`~scalex_scale.store.readers_soma.open_soma` (``measurement``, ``layer``,
+    ``obs_filter``); an error for an input that is not a SOMA experiment, rather than silently unused.
+    """
+    from .readers_soma import is_soma_uri, open_soma
+
+    if is_soma_uri(obj):
+        return open_soma(str(obj), **(soma or {}))
+    if soma:
+        raise InputError(
+            f"input #{index} ({obj if isinstance(obj, str | Path) else type(obj).__name__}): "
+            f"{', '.join(sorted(soma))} apply to TileDB-SOMA experiments only, and this is not one"
+        )
     try:
         import anndata
 
