@@ -34,8 +34,9 @@ def soma_exp(tmp_path_factory) -> tuple[str, ad.AnnData]:
     tio = pytest.importorskip("tiledbsoma.io")
     a = _adata()
     uri = str(tmp_path_factory.mktemp("soma") / "exp")
-    tio.from_anndata(uri, a, "RNA", X_layer_name="raw")
-    return uri, a
+    tiles = {"tiledb": {"create": {"dims": {"soma_dim_0": {"tile": 8}, "soma_dim_1": {"tile": 8}}}}}
+    tio.from_anndata(uri, a, "RNA", X_layer_name="raw", platform_config=tiles)  # small tiles, as in the Census
+    return uri, a  # (X then comes back tile by tile, not row by row)
 
 
 def _read(path: Path) -> ad.AnnData:
@@ -174,3 +175,15 @@ def test_missing_tiledbsoma_gives_install_hint(monkeypatch, tmp_path):
         f"{INSTALL_HINT}"
     )
     assert 'pip install "scalex-scale[soma]"' in INSTALL_HINT
+
+
+def test_block_to_csr_any_tiledb_order():
+    from scalex_scale.store.readers_soma import _csr
+
+    rng = np.random.default_rng(6)
+    dense = (rng.random((40, 25)) < 0.2) * rng.integers(1, 9, (40, 25)).astype(np.float32)
+    rows, cols = np.nonzero(dense)
+    for order in (np.arange(rows.size), rng.permutation(rows.size), np.lexsort((rows, cols))):  # CSR, any, by column
+        out = _csr(rows[order].astype(np.int32), cols[order].astype(np.int32), dense[rows, cols][order], 40, 25)
+        assert out.has_sorted_indices and out.shape == (40, 25)
+        np.testing.assert_array_equal(out.toarray(), dense)
