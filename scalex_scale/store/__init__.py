@@ -4,6 +4,7 @@ from .atlas import FORMAT_VERSION, Atlas
 from .errors import AtlasFormatError, InputError, PreprocessError, ScalexError
 from .ingest import IngestReport, ingest
 from .readers import InputSource, from_chunks, open_input
+from .readers_soma import open_soma
 
 __all__ = [
     "FORMAT_VERSION",
@@ -17,4 +18,5 @@ __all__ = [
     "from_chunks",
     "ingest",
     "open_input",
+    "open_soma",
 ]

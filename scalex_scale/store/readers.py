@@ -1,9 +1,10 @@
 """Input sources: every supported input becomes an object that streams CSR row chunks.
 
-Supported: TileDB-SOMA experiments (``readers_soma``, e.g. CELLxGENE Census), ``.h5ad`` (opened backed, read in row chunks, never whole), AnnData Zarr stores, 10x Genomics
+Supported: ``.h5ad`` (opened backed, read in row chunks, never whole), AnnData Zarr stores, 10x Genomics
 MTX directories (``matrix.mtx[.gz]``, ``features.tsv[.gz]``/``genes.tsv[.gz]``, ``barcodes.tsv[.gz]``), 10x
 ``.h5`` files (v2 and v3 layouts), in-memory :class:`anndata.AnnData`, and any iterable of
-``(csr_chunk, obs_chunk)`` pairs (e.g. :func:`scalex_scale.datasets.synthetic_chunks`).
+``(csr_chunk, obs_chunk)`` pairs (e.g. :func:`scalex_scale.datasets.synthetic_chunks`). TileDB-SOMA experiments
+(CELLxGENE Census) are read by :mod:`.readers_soma`.
 """
 
 from __future__ import annotations
