@@ -90,12 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ingest", help="create an atlas from inputs, or append them as new batches")
     p.add_argument("store")
-    p.add_argument("inputs", nargs="+", help=".h5ad, .h5 (10x), AnnData .zarr, or 10x MTX directories")
+    p.add_argument("inputs", nargs="+", help=".h5ad, .h5 (10x), AnnData .zarr, 10x MTX directories, or TileDB-SOMA experiments")
     _add_batch_args(p)
     p.add_argument("--join", choices=["inner", "outer"], default="inner", help="gene join of a new atlas")
     p.add_argument("--profile", choices=["RNA", "ATAC"], default="RNA")
     p.add_argument("--allow-duplicates", action="store_true",
                    help="add cells already in the atlas (same names in the same batch, or the same file)")
+    soma = p.add_argument_group("TileDB-SOMA inputs (CELLxGENE Census; needs pip install \"scalex-scale[soma]\")")
+    soma.add_argument("--measurement", default=None, help="measurement to read (default: RNA)")
+    soma.add_argument("--layer", default=None, help="X layer with the raw counts (default: raw)")
+    soma.add_argument("--obs-filter", default=None, help="tiledbsoma value_filter on obs, e.g. \"tissue_general == 'blood'\"")
 
     p = sub.add_parser("check", help="verify every invariant of an atlas (and --repair what is safe to repair)")
     p.add_argument("store")
@@ -179,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         report = api.ingest(
             args.store, args.inputs, batch_key=args.batch_key, batch_names=args.batch_names, join=args.join,
             profile=args.profile, allow_duplicates=args.allow_duplicates, lock_timeout=wait,
+            measurement=args.measurement, layer=args.layer, obs_filter=args.obs_filter,
         )  # fmt: skip
         print(f"ingested {report.n_cells_added:,} cells into {report.path} ({report.n_genes:,} genes)")
         for b, n in report.batches_added.items():

@@ -17,6 +17,7 @@ from .errors import (
 from .ingest import AppendOptions, IngestReport, append, ingest
 from .readers import InputSource, from_chunks, open_input
 from .txn import Transaction, pinned, transaction
+from .readers_soma import open_soma
 
 __all__ = [
     "FORMAT_VERSION",
@@ -40,4 +41,5 @@ __all__ = [
     "open_input",
     "pinned",
     "transaction",
+    "open_soma",
 ]

@@ -216,6 +216,9 @@ def ingest(
     chunk_rows: int = 10_000,
     allow_duplicates: bool = False,
     lock_timeout: float | None = None,
+    measurement: str | None = None,
+    layer: str | None = None,
+    obs_filter: str | None = None,
 ) -> IngestReport:
     """Ingest inputs into the atlas at ``store``: create it, or append new batches to it (one transaction).
 
@@ -225,7 +228,7 @@ def ingest(
         Atlas path. Created when absent; otherwise the inputs are appended as new cells without rewriting the
         existing ones. Either way the atlas changes in one atomic step, or not at all.
     inputs
-        Paths (``.h5ad``, ``.h5``, AnnData ``.zarr``, 10x MTX directories), in-memory AnnData objects, or
+        Paths (``.h5ad``, ``.h5``, AnnData ``.zarr``, 10x MTX directories, TileDB-SOMA experiments), in-memory AnnData objects, or
         :class:`~scalex_scale.store.readers.InputSource` objects (e.g. from :func:`~scalex_scale.store.readers.from_chunks`).
     batch_key
         Read each cell's batch from this obs column.
@@ -245,6 +248,10 @@ def ingest(
         was added before (refused by default: it is almost always a mistake).
     lock_timeout
         Seconds to wait for another writer of the atlas (None: wait; 0: fail at once).
+    measurement, layer, obs_filter
+        For TileDB-SOMA experiments (e.g. CELLxGENE Census; ``soma://URI`` or a local experiment directory):
+        the measurement (default ``"RNA"``), its X layer (default ``"raw"``) and a tiledbsoma ``value_filter``
+        on obs (e.g. ``"tissue_general == 'blood'"``). See :func:`~scalex_scale.store.readers_soma.open_soma`.
     """
     if profile not in ("RNA", "ATAC"):
         raise InputError(f"unknown profile {profile!r} (expected 'RNA' or 'ATAC')")
@@ -252,7 +259,8 @@ def ingest(
         raise InputError(f"unknown join {join!r} (expected 'inner' or 'outer')")
     if not inputs:
         raise InputError("no inputs given")
-    sources = [open_input(obj, i) for i, obj in enumerate(inputs)]
+    soma = {k: v for k, v in {"measurement": measurement, "layer": layer, "obs_filter": obs_filter}.items() if v is not None}
+    sources = [open_input(obj, i, soma=soma) for i, obj in enumerate(inputs)]
     options = AppendOptions(batch_key, batch_names, chunk_rows, profile, join, allow_duplicates)
     try:
         with transaction(store, "ingest", lock_timeout=lock_timeout) as txn:

@@ -3,7 +3,8 @@
 Supported: ``.h5ad`` (opened backed, read in row chunks, never whole), AnnData Zarr stores, 10x Genomics
 MTX directories (``matrix.mtx[.gz]``, ``features.tsv[.gz]``/``genes.tsv[.gz]``, ``barcodes.tsv[.gz]``), 10x
 ``.h5`` files (v2 and v3 layouts), in-memory :class:`anndata.AnnData`, and any iterable of
-``(csr_chunk, obs_chunk)`` pairs (e.g. :func:`scalex_scale.datasets.synthetic_chunks`).
+``(csr_chunk, obs_chunk)`` pairs (e.g. :func:`scalex_scale.datasets.synthetic_chunks`). TileDB-SOMA experiments
+(CELLxGENE Census) are read by :mod:`.readers_soma`.
 """
 
 from __future__ import annotations
@@ -353,8 +354,22 @@ def file_fingerprint(path: Path, *, head: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def open_input(obj: Any, index: int = 0) -> InputSource:
-    """Open any supported input (path or in-memory AnnData) as an :class:`InputSource`."""
+def open_input(obj: Any, index: int = 0, *, soma: dict[str, Any] | None = None) -> InputSource:
+    """Open any supported input (path, SOMA URI or in-memory AnnData) as an :class:`InputSource`.
+
+    ``soma``: keyword arguments of :func:`~scalex_scale.store.readers_soma.open_soma` (``measurement``, ``layer``,
+    ``obs_filter``); an error for an input that is not a SOMA experiment, rather than silently unused. Local files
+    get a :func:`file_fingerprint` (a SOMA experiment is identified by its content hash only).
+    """
+    from .readers_soma import is_soma_uri, open_soma
+
+    if is_soma_uri(obj):
+        return open_soma(str(obj), **(soma or {}))
+    if soma:
+        raise InputError(
+            f"input #{index} ({obj if isinstance(obj, str | Path) else type(obj).__name__}): "
+            f"{', '.join(sorted(soma))} apply to TileDB-SOMA experiments only, and this is not one"
+        )
     source = _open_input(obj, index)
     if source.fingerprint is None and isinstance(obj, str | Path):
         source.fingerprint = file_fingerprint(Path(obj))
