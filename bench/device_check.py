@@ -315,7 +315,7 @@ def phase_scaling(args: argparse.Namespace, results: dict[str, Any]) -> dict[str
     out_dir = work / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(HERE / "run_scaling.py"), "--sizes", str(args.scaling_cells), "--pipeline-only",
-           "--keep", "--workdir", str(work), "--out", str(out_dir)]  # fmt: skip
+           "--no-quality", "--keep", "--workdir", str(work), "--out", str(out_dir)]  # fmt: skip
     graphs = False
     if args.dry_run:
         cmd += ["--device", "cpu", "--max-iterations", "20", "--n-genes", "1200", "--genes-per-cell", "700",

@@ -111,7 +111,7 @@ def _qc_mask(values) -> np.ndarray:
     series = pd.Series(values)
     if series.dtype == object or isinstance(series.dtype, pd.CategoricalDtype):
         series = series.astype(str).map({"True": True, "False": False})
-    return series.fillna(False).to_numpy(dtype=bool)
+    return series.eq(True).fillna(False).to_numpy(dtype=bool)
 
 
 def _counts(block: np.ndarray) -> str | None:
