@@ -54,7 +54,7 @@ WORK = HERE / "_work"
 
 def our_cellbench_atlas(path: Path) -> dict:
     from scalex_scale import api
-    from scalex_scale.preprocess.pipeline import preprocess
+    from scalex_scale.workflows.preprocess import preprocess
     from scalex_scale.store import Atlas
 
     if not (path.exists() and "preprocess" in Atlas.open(path).state):

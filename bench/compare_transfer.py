@@ -180,7 +180,7 @@ def label_metrics(true: np.ndarray, pred: np.ndarray, absent: list[str]) -> dict
 
 
 def evaluate(name: str, d: dict, seed: int, od: Path, rd: Path) -> dict:
-    from scalex_scale.transfer import knn_classifier_transfer
+    from scalex_scale.metrics.label_transfer import knn_classifier_transfer
 
     absent = d["absent_types"]
     # reference

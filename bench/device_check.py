@@ -61,7 +61,7 @@ SCALING_1M_TIMEOUT = 480
 DRY_TIMEOUTS = {"env": 30, "fit": 60, "dsbn": 60, "tests": 90, "scaling": 180, "ddp": 90}
 #: Files whose tests run their code on CUDA when it is there (besides the gpu-marked tests of every file).
 TEST_FILES = ("tests/test_kernels_dsbn.py", "tests/test_loader.py", "tests/test_train.py",
-              "tests/test_encode_pipeline.py")  # fmt: skip
+              "tests/test_nn_encode.py")  # fmt: skip
 
 #: The issue's targets: (key, description, comparison, threshold).
 TARGETS = (
@@ -238,7 +238,7 @@ def phase_tests(args: argparse.Namespace) -> dict[str, Any]:
     if _has_module("pytest_timeout") and not args.dry_run:
         base += ["--timeout", "90"]
     if args.dry_run:
-        runs = [("gpu", ["-m", "gpu", "tests/test_train_gpu.py", "tests/test_encode_pipeline.py"])]
+        runs = [("gpu", ["-m", "gpu", "tests/test_train_gpu.py", "tests/test_nn_encode.py"])]
     else:
         runs = [("gpu", ["-m", "gpu", "tests/"]), ("cuda_files", ["-m", "not gpu", *TEST_FILES])]
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ def SCALEX(  # noqa: N802 - the reference's name
     batch_categories: Sequence[str] | None = None,
     profile: str = "RNA",
     batch_name: str = "batch",
-    min_features: int = 600,
+    min_features: int | None = None,
     min_cells: int = 3,
     n_top_features: int | None = None,
     join: str = "inner",
@@ -53,8 +53,11 @@ def SCALEX(  # noqa: N802 - the reference's name
         One batch name per input (the reference's ``batch_categories``).
     batch_name
         obs column holding the batch when ``batch_categories`` is not given (reference default ``'batch'``).
+    batch_key
+        Name of the returned obs column holding each cell's batch (the reference's ``batch_key``; the atlas itself
+        always calls it ``batch``).
     profile, min_features, min_cells, n_top_features, join, keep_mt
-        Preprocessing, as the reference.
+        Preprocessing, as the reference (``min_features`` None: RNA 600, ATAC 100).
     batch_size, lr, max_iteration, seed
         Training, as the reference.
     outdir
@@ -116,4 +119,8 @@ def SCALEX(  # noqa: N802 - the reference's name
     adata = adata[keep].copy()
     adata.uns.pop("scalex_scale", None)
     adata.uns["scalex_scale_outdir"] = str(outdir)
+    if batch_key != "batch":
+        if batch_key in adata.obs:
+            raise ValueError(f"SCALEX(batch_key={batch_key!r}): the data already have an obs column of that name")
+        adata.obs = adata.obs.rename(columns={"batch": batch_key})
     return adata

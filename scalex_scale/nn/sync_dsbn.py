@@ -54,7 +54,7 @@ from torch.autograd.function import once_differentiable
 from scalex_scale.kernels import dsbn
 from scalex_scale.kernels.validation import check_dsbn_inputs
 
-__all__ = ["convert_sync_dsbn", "sync_dsbn", "sync_world_size"]
+__all__ = ["sync_dsbn", "sync_world_size"]
 
 
 def sync_world_size(process_group: Any = None) -> int:
@@ -196,32 +196,3 @@ def sync_dsbn(
         float(momentum), float(eps), process_group,
     )
     return y.to(x.dtype)
-
-
-def convert_sync_dsbn(module: torch.nn.Module, process_group: Any = None, *, sync: bool = True) -> torch.nn.Module:
-    """Switch every :class:`~scalex_scale.nn.DSBN` layer of ``module`` to synchronized statistics.
-
-    The analogue of :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm` for DSBN, but in place:
-    parameters, buffers and state-dict keys are unchanged (checkpoints do not record the option).
-
-    Parameters
-    ----------
-    module
-        Any module (e.g. a :class:`~scalex_scale.nn.SCALEXModule`).
-    process_group
-        Group to synchronize over (None: the world).
-    sync
-        False switches synchronization off again.
-
-    Returns
-    -------
-    torch.nn.Module
-        ``module`` itself.
-    """
-    from scalex_scale.nn.dsbn import DSBN
-
-    for layer in module.modules():
-        if isinstance(layer, DSBN):
-            layer.sync = bool(sync)
-            layer.process_group = process_group
-    return module

@@ -73,7 +73,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from scalex_scale.nn.sync_dsbn import convert_sync_dsbn
+from scalex_scale.nn.dsbn import convert_sync_dsbn
 from scalex_scale.train.config import TrainConfig
 from scalex_scale.train.trainer import Trainer, TrainerState
 

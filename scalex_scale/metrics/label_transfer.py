@@ -60,8 +60,8 @@ import numpy as np
 import pandas as pd
 from numba import float32, int32, int64, prange, types
 
-from .metrics._utils import as_float_matrix, check_lengths, encode_labels, numba_threads
-from .metrics.knn import KNNMethod, knn, knn_query, knn_ref_and_query
+from ._utils import as_float_matrix, check_lengths, encode_labels, numba_threads
+from .knn import KNNMethod, knn, knn_query, knn_ref_and_query
 
 __all__ = ["TransferResult", "transfer_labels", "knn_classifier_transfer"]
 

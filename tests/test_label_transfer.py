@@ -7,7 +7,7 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from scalex_scale.metrics import f1_scores
-from scalex_scale.transfer import TransferResult, knn_classifier_transfer, transfer_labels
+from scalex_scale.metrics.label_transfer import TransferResult, knn_classifier_transfer, transfer_labels
 
 
 def make_ref_query(

@@ -56,7 +56,7 @@ def write_plots(
     out: Path, latent: np.ndarray, batches: np.ndarray, labels: np.ndarray | None, confusion: pd.DataFrame | None, *, umap: bool = True, seed: int = 0
 ) -> list[str]:
     """UMAP coloured by batch (and cell type), the confusion matrix, and the cell-type similarity matrix."""
-    from .metrics import similarity_matrix
+    from ..metrics import similarity_matrix
 
     files = []
     if umap:

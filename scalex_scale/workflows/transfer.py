@@ -1,4 +1,7 @@
-"""Label transfer on an atlas: reference cells' labels -> query cells, in the latent space."""
+"""``ss.transfer``: label transfer on an atlas, reference cells' labels -> query cells, in the latent space.
+
+The vote itself (arrays in, labels out) is :func:`scalex_scale.metrics.label_transfer.transfer_labels`.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .store import Atlas, transaction
-from .store.errors import ScalexError
-from .transfer import transfer_labels
+from ..errors import ScalexError
+from ..metrics.label_transfer import transfer_labels
+from ..store import Atlas, transaction
 
 UNASSIGNED = "unassigned"
 
@@ -83,7 +86,7 @@ def transfer(
 
     Writes ``obs['<label_key>_transfer']`` (the label, ``unassigned`` below ``threshold``; empty for non-query
     cells) and ``obs['<label_key>_transfer_confidence']`` (NaN for non-query cells). See
-    :func:`scalex_scale.transfer.transfer_labels` for the vote, the confidence and the novelty check.
+    :func:`scalex_scale.metrics.label_transfer.transfer_labels` for the vote, the confidence and the novelty check.
     """
     with transaction(store, "transfer", lock_timeout=lock_timeout) as txn:
         if txn.is_new:
@@ -92,7 +95,7 @@ def transfer(
 
 
 def _transfer(atlas: Atlas, label_key, reference_batches, query_batches, k, threshold, seed) -> TransferSummary:
-    from .metrics import ari, f1_scores, nmi
+    from ..metrics import ari, f1_scores, nmi
 
     latent = _latent(atlas)
     labels = _labels(atlas, label_key)
