@@ -56,13 +56,12 @@ rank, with a message, instead of deadlocking.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -84,7 +83,6 @@ __all__ = [
     "LAUNCH_HINT",
     "barrier",
     "check_agreement",
-    "distributed_session",
     "distributed_trainer_state",
     "init_distributed",
     "rank_config",
@@ -272,16 +270,6 @@ def shutdown() -> None:
     """Destroy the default process group (no-op when none is initialized)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def distributed_session(device: str = "auto", **kwargs: Any) -> Iterator[DistributedContext]:
-    """``with distributed_session(device) as ctx:`` -- :func:`init_distributed`, then :func:`shutdown`."""
-    ctx = init_distributed(device, **kwargs)
-    try:
-        yield ctx
-    finally:
-        shutdown()
 
 
 # -------------------------------------------------------------------------- agreement
