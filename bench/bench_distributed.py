@@ -90,8 +90,11 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], data_dir: st
         per_rank = spec["per_rank_batch"]
         config = TrainConfig(max_iterations=spec["warmup"] + spec["steps"], batch_size=per_rank, device=spec["device"],
                              progress=False, patience=10**9)
-        loader = TrainingLoader(source, batch_size=per_rank, rank=ctx.rank, world_size=ctx.world_size, seed=0,
-                                num_workers=1, prefetch=2)
+        loader = TrainingLoader(
+            source,
+            LoaderConfig(batch_size=per_rank, seed=0, num_workers=1, prefetch=2),
+            rank=ctx.rank, world_size=ctx.world_size,
+        )
         trainer = Trainer(module, rank_config(config, ctx), train_module=ddp,
                           reduce_epoch_loss=all_reduce_epoch_loss())
         trainer.fit(loader, pause_at_iteration=spec["warmup"])

@@ -102,7 +102,9 @@ def profile_ours(store: str, iterations: int) -> dict:
     atlas = Atlas.open(store)
     st = atlas.state["preprocess"]
     src = atlas.training_matrix()
-    loader = TrainingLoader(src, batch_size=64, seed=0, rank=0, world_size=1, drop_last=True, pin_memory=False)
+    loader = TrainingLoader(
+        src, LoaderConfig(batch_size=64, seed=0, drop_last=True), rank=0, world_size=1, pin_memory=False
+    )
     module = SCALEXModule(len(st["features"]), len(st["batches"]), seed=0)
     opt = torch.optim.Adam(module.parameters(), lr=2e-4, weight_decay=5e-4, fused=True)  # as the Trainer
     module.train()

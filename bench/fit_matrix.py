@@ -98,8 +98,11 @@ def _config(args: argparse.Namespace, batch: int, precision: str, graphs: bool, 
 
 
 def _loader(source: InMemorySource, args: argparse.Namespace, batch: int) -> TrainingLoader:
-    return TrainingLoader(source, batch_size=batch, seed=0, num_workers=args.workers, prefetch=max(2, args.workers),
-                          pin_memory=args.device.startswith("cuda"))  # fmt: skip
+    return TrainingLoader(
+        source,
+        LoaderConfig(batch_size=batch, seed=0, num_workers=args.workers, prefetch=max(2, args.workers)),
+        pin_memory=args.device.startswith("cuda"),
+    )  # fmt: skip
 
 
 def run_fit(source: InMemorySource, args: argparse.Namespace, batch: int, precision: str, mode: str) -> dict[str, Any]:

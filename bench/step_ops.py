@@ -43,8 +43,9 @@ def synthetic_batch(n_cells: int, n_features: int, n_domains: int, nnz_per_row: 
     data = rng.uniform(0.01, 1.0, int(indptr[-1])).astype(np.float16)
     domain = rng.integers(0, n_domains, n_rows).astype(np.int32)
     source = InMemorySource.from_arrays(indptr, indices, data, domain, n_features, n_domains)
-    loader = TrainingLoader(source, batch_size=n_cells, shard_size=n_rows, buffer_shards=1, seed=seed,
-                            pin_memory=pin_memory)
+    loader = TrainingLoader(
+        source, LoaderConfig(batch_size=n_cells, shard_size=n_rows, buffer_shards=1, seed=seed), pin_memory=pin_memory
+    )
     with loader.epoch(0) as batches:
         return next(iter(batches))
 

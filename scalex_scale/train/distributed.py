@@ -1,7 +1,7 @@
 """Multi-process, multi-node data-parallel training on ``torch.distributed`` (launched by torchrun).
 
 Each process (rank) trains the same :class:`~scalex_scale.nn.SCALEXModule` on its own disjoint part
-of every epoch (``TrainingLoader(..., rank=ctx.rank, world_size=ctx.world_size)``), wrapped in
+of every epoch (``TrainingLoader.from_train_config(..., rank=ctx.rank, world_size=ctx.world_size)``), wrapped in
 :class:`~torch.nn.parallel.DistributedDataParallel` so gradients are averaged over ranks after every
 backward: one optimizer step processes ``world_size * batch_size`` cells (``TrainConfig.batch_size``
 is the PER-RANK batch). NCCL on CUDA (one GPU per process, ``cuda:LOCAL_RANK``), Gloo on CPU.
@@ -10,8 +10,7 @@ The pieces, in the order a training entry point uses them::
 
     ctx = init_distributed(config.device)                      # reads RANK, WORLD_SIZE, LOCAL_RANK, ...
     try:
-        loader = TrainingLoader(source, batch_size=config.batch_size, seed=config.seed,
-                                rank=ctx.rank, world_size=ctx.world_size)
+        loader = TrainingLoader.from_train_config(source, config, rank=ctx.rank, world_size=ctx.world_size)
         check_agreement(ctx, training_fingerprint(store=..., n_train=source.n_rows, ...,
                                                   batches_per_epoch=loader.batches_per_epoch))
         module = SCALEXModule(..., seed=...)                    # DDP broadcasts rank 0's weights anyway
