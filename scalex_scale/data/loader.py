@@ -23,8 +23,8 @@ device; with ``pin_memory`` a batch is one page-locked buffer (domain, flat posi
 costs one host-to-device copy (:mod:`scalex_scale.data.batch`, :mod:`scalex_scale.data.pinned`).
 
 A buffer is read and gathered whole before its first batch is passed on, so the first batch of a
-pipeline comes after one buffer's read + gather (~0.2-0.5 s for 65,536 rows at ~400 non-zeros per row
-on one core; more on a busy host); after that the pipeline runs ahead of the consumer. The pipeline is
+pipeline comes after one buffer's read + gather (a fraction of a second for the default 65,536 rows:
+``bench/README.md``); after that the pipeline runs ahead of the consumer. The pipeline is
 persistent (``persistent=True``, the default): it reads on into the next epoch's plan when an epoch's
 last batch was yielded, so epochs do not restart it (at 1M cells and batch 64, the default 30,000
 iterations span two epochs; at batch 4,096 one epoch is ~240 iterations, i.e. 120+ restarts without).
@@ -220,8 +220,8 @@ def _read_buffer(source: TrainingSource, slices: tuple[tuple[int, int], ...]) ->
 def _element_index(starts: np.ndarray, lengths: np.ndarray, out_starts: np.ndarray, nnz: int) -> np.ndarray:
     """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` over rows, as one cumsum.
 
-    Steps of +1 everywhere, with a jump at the first element of each non-empty row; ~5x faster than
-    ``repeat(starts - out_starts, lengths) + arange(nnz)``.
+    Steps of +1 everywhere, with a jump at the first element of each non-empty row: one pass and one
+    temporary, faster than ``repeat(starts - out_starts, lengths) + arange(nnz)`` (``bench/README.md``).
     """
     steps = np.ones(nnz, dtype=np.int64)
     if nnz == 0:

@@ -226,12 +226,11 @@ class EvaluateConfig:
     neighborhood_sample_size
         Above this many cells, the neighbourhood metrics (iLISI, cLISI, kBET, per-label kBET)
         score a uniform random subset of this many cells, each with its **exact** neighbourhood
-        among all cells (kd-tree queries), instead of building the full 89-neighbour graph.
-        Measured at 1M cells on 2 shared (loaded) cores: full graph by NN-descent 517 s and
-        3.4 GB peak; 2e5 sampled cells 177 s and 0.7 GB, plus 220 s / 2.2 GB for the
-        15-neighbour connectivity graph (NN-descent, including its JIT compilation). The scores
-        moved by <= 5e-4 (iLISI 0.3620 vs 0.3615, kBET 0.0951 vs 0.0954). Graph connectivity
-        always uses a full (15-neighbour) graph. ``None``: always the full graph.
+        among all cells (kd-tree queries), instead of building the full 89-neighbour graph: at
+        1M cells this is faster and needs a fraction of the memory of the full graph, and the
+        medians / means move by far less than the differences between integrations (figures:
+        ``bench/README.md``, "Figures behind design choices"). Graph connectivity always uses a
+        full (15-neighbour) graph. ``None``: always the full graph.
     knn_method
         Engine for the full graphs (``"auto"``: exact kd-tree in low dimension up to 200k cells,
         NN-descent above).
