@@ -74,7 +74,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], data_dir: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS=str(spec["threads"]))
     torch.set_num_threads(spec["threads"])
-    from scalex_scale.data import InMemorySource, TrainingLoader
+    from scalex_scale.data import InMemorySource, LoaderConfig, TrainingLoader
     from scalex_scale.nn import SCALEXModule
     from scalex_scale.train import TrainConfig, Trainer, all_reduce_epoch_loss
     from scalex_scale.train.distributed import init_distributed, rank_config, shutdown, wrap_ddp

@@ -95,7 +95,7 @@ def profile_ours(store: str, iterations: int) -> dict:
     forward (loss), backward, optimizer. Synchronous timers in a standalone loop mirroring the trainer's step."""
     import torch
 
-    from scalex_scale.data.loader import TrainingLoader
+    from scalex_scale.data.loader import LoaderConfig, TrainingLoader
     from scalex_scale.nn import SCALEXModule
     from scalex_scale.store import Atlas
 

@@ -33,7 +33,7 @@ from _env import header, results_dir  # noqa: E402
 def synthetic_batch(n_cells: int, n_features: int, n_domains: int, nnz_per_row: int, seed: int = 0,
                     pin_memory: bool = False):
     """A CSRBatch like the loader's: float16 values in (0, 1], int32 columns, int64 domains."""
-    from scalex_scale.data.loader import InMemorySource, TrainingLoader
+    from scalex_scale.data.loader import InMemorySource, LoaderConfig, TrainingLoader
 
     rng = np.random.default_rng(seed)
     n_rows = max(n_cells, 256)
