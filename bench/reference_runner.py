@@ -176,8 +176,9 @@ STATE: dict = {}
 
 def apply_compat_patches() -> list[str]:
     """Work around the known defects of scalex 1.0.4 without changing what it computes."""
-    import anndata
     import importlib
+
+    import anndata
 
     applied = []
     # (1) torch >= 2.6 defaults to weights_only=True; config.pt holds a pickled pandas Index.

@@ -15,8 +15,8 @@ import torch
 import triton
 
 from . import dsbn_triton as K
-from .backend import INSTALL_HINT, triton_unavailable_reason
 from . import reference
+from .backend import INSTALL_HINT, triton_unavailable_reason
 from .validation import check_dsbn_inputs, shape_str
 
 __all__ = ["DSBNFunction", "DomainSegments", "domain_segments", "dsbn_triton", "row_splits"]

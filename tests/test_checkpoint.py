@@ -6,19 +6,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from test_train import (
-    N_DOMAINS,
-    N_FEATURES,
-    InMemoryLoader,
-    assert_same_weights,
-    cpu_config,
-    make_loader,
-    make_module,
-    synthetic_problem,
-)
 
 from scalex_scale.train import (
     FORMAT_VERSION,
@@ -26,6 +15,16 @@ from scalex_scale.train import (
     load_checkpoint,
     load_trainer_state,
     save_checkpoint,
+)
+
+from test_train import (
+    N_DOMAINS,
+    N_FEATURES,
+    assert_same_weights,
+    cpu_config,
+    make_loader,
+    make_module,
+    synthetic_problem,
 )
 
 DOMAINS = ["batch-a", "batch-b", "batch-c"]

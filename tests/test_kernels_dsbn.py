@@ -111,11 +111,11 @@ def assert_results_close(got: dict, want: dict, dtype: torch.dtype) -> None:
     assert got["y"].dtype == want["y"].dtype == dtype
     assert got["dx"].dtype == dtype
     for key in ("y", "dx"):
-        torch.testing.assert_close(got[key].float(), want[key].float(), **TOL[dtype], msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key].float(), want[key].float(), **TOL[dtype], msg=lambda m, key=key: f"{key}: {m}")
     for key in ("rm", "rv"):
-        torch.testing.assert_close(got[key], want[key], **STAT_TOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], **STAT_TOL, msg=lambda m, key=key: f"{key}: {m}")
     for key in ("dw", "db"):
-        torch.testing.assert_close(got[key], want[key], **GRAD_PARAM_TOL[dtype], msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], **GRAD_PARAM_TOL[dtype], msg=lambda m, key=key: f"{key}: {m}")
 
 
 def triton_fn(*args, **kw):
@@ -158,7 +158,7 @@ def test_reference_d1_equals_batch_norm(dtype: torch.dtype, training: bool) -> N
     want = run(batch_norm, case, training=training)
     tol = dict(rtol=1e-5, atol=1e-5)
     for key in got:
-        torch.testing.assert_close(got[key], want[key].to(got[key].dtype), **tol, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key].to(got[key].dtype), **tol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_reference_matches_original_loop_without_singletons() -> None:
@@ -168,7 +168,7 @@ def test_reference_matches_original_loop_without_singletons() -> None:
     got = run(dsbn_reference, case, training=True)
     want = run(dsbn_loop_reference, case, training=True)
     for key in got:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     torch.testing.assert_close(got["rm"][4], case.running_mean[4], rtol=0, atol=0)
     torch.testing.assert_close(got["dw"][4], torch.zeros(37))
 
@@ -254,7 +254,7 @@ def test_reference_compiles_fullgraph_without_host_sync() -> None:
     got = run(compiled, case, training=True)
     want = run(dsbn_reference, case, training=True)
     for key in got:  # includes the in-place running-stat update surviving compilation
-        torch.testing.assert_close(got[key], want[key], msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_public_dsbn_auto_compiles_fullgraph_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,7 +268,7 @@ def test_public_dsbn_auto_compiles_fullgraph_on_cpu(monkeypatch: pytest.MonkeyPa
     got = run(torch.compile(f, fullgraph=True, backend="aot_eager"), case, training=True)
     want = run(dsbn_reference, case, training=True)
     for key in got:
-        torch.testing.assert_close(got[key], want[key], msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.gpu
@@ -375,7 +375,7 @@ def test_triton_large_mean_small_spread() -> None:
     want = run(dsbn_reference, case64, training=True)
     for key in got:  # |dx| reaches ~60 here (invstd ~10): absolute error ~3e-4; the float32 reference has ~2e-3
         torch.testing.assert_close(
-            got[key].cpu().double(), want[key], rtol=1e-4, atol=1e-3, msg=lambda m: f"{key}: {m}"
+            got[key].cpu().double(), want[key], rtol=1e-4, atol=1e-3, msg=lambda m, key=key: f"{key}: {m}"
         )
 
 

@@ -9,6 +9,7 @@ import zarr
 
 from scalex_scale.preprocess.pipeline import preprocess
 from scalex_scale.store import Atlas, PreprocessError, ingest
+
 from test_preprocess_equivalence import load, scanpy_rna, synthetic_adata
 from test_store_ingest import _snapshot
 

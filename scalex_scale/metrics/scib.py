@@ -44,7 +44,8 @@ from numba import float32, float64, int32, int64, prange
 
 from ._silhouette import silhouette_samples_subset
 from ._utils import as_float_matrix, as_generator, check_lengths, encode_labels, numba_threads
-from .knn import KNNMethod, exact_knn_rows, knn as _knn
+from .knn import KNNMethod, exact_knn_rows
+from .knn import knn as _knn
 from .paper import silhouette
 
 __all__ = [

@@ -348,7 +348,7 @@ def _disagreement(fingerprints: list[Any]) -> str | None:
         for rank, text in enumerate(texts):
             groups.setdefault(text, []).append(rank)
         parts = []
-        for text, ranks in groups.items():
+        for ranks in groups.values():
             value = values[ranks[0]]
             shown = "<absent>" if value is absent else _short(value)
             parts.append(f"rank{'s' if len(ranks) > 1 else ''} {_ranks_str(ranks)}: {shown}")
