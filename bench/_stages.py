@@ -35,8 +35,8 @@ def stage_synthetic(a: dict[str, Any]) -> dict[str, Any]:
     """Generate a synthetic atlas straight into a store, chunk by chunk (flat memory)."""
     import shutil
 
-    from scalex_scale.synthetic import synthetic_chunks, synthetic_var
     from scalex_scale.store import from_chunks, ingest
+    from scalex_scale.synthetic import synthetic_chunks, synthetic_var
 
     cfg = _synthetic_config(a)
     shutil.rmtree(a["store"], ignore_errors=True)
@@ -152,8 +152,8 @@ def stage_quality(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_preprocess(a: dict[str, Any]) -> dict[str, Any]:
-    from scalex_scale.workflows.preprocess import preprocess
     from scalex_scale.store import Atlas
+    from scalex_scale.workflows.preprocess import preprocess
 
     t0 = time.perf_counter()
     state = preprocess(a["store"], min_features=a.get("min_features"), n_top_features=a.get("n_top_features"))

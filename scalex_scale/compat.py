@@ -81,10 +81,9 @@ def SCALEX(  # noqa: N802 - the reference's name
     -----
     ``obsm['latent']`` is the encoder's ``mu`` in eval mode: deterministic, and a cell's embedding does not depend
     on which cells it is embedded with. scalex 1.0.4 embeds in train mode, in mini-batches of one batch each, so its
-    encoder BatchNorm uses each mini-batch's statistics. On CellBench and a synthetic partially overlapping set
-    (``bench/compare_reference.py``, 3 seeds), that gives a batch-mixing score 0.03-0.04 higher and a cell-type
-    silhouette 0.03 lower for the same trained network. Embedded the same way, the two packages' latents agree within
-    0.02 on both metrics. Expect that shift in the scores when comparing with latents from the reference.
+    encoder BatchNorm uses each mini-batch's statistics: for the same trained network that raises the batch-mixing
+    score and lowers the cell-type silhouette (measured by ``bench/compare_reference.py``: README, "Measured so
+    far"). Expect that shift in the scores when comparing with latents from the reference.
     """
     import anndata as ad
     import numpy as np

@@ -11,7 +11,6 @@ import shutil
 import time
 from pathlib import Path
 
-
 from .errors import ScalexError
 
 

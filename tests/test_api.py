@@ -8,9 +8,9 @@ import pytest
 
 from scalex_scale import api
 from scalex_scale.cli import main
-from scalex_scale.synthetic import SyntheticConfig, make_synthetic
 from scalex_scale.errors import ScalexError
 from scalex_scale.store import Atlas
+from scalex_scale.synthetic import SyntheticConfig, make_synthetic
 from scalex_scale.train import TrainConfig
 
 

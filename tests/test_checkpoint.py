@@ -7,6 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from scalex_scale.train import (
+    FORMAT_VERSION,
+    Trainer,
+    load_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
+
 from test_train import (
     N_DOMAINS,
     N_FEATURES,
@@ -15,14 +24,6 @@ from test_train import (
     make_loader,
     make_module,
     synthetic_problem,
-)
-
-from scalex_scale.train import (
-    FORMAT_VERSION,
-    Trainer,
-    load_checkpoint,
-    load_trainer_state,
-    save_checkpoint,
 )
 
 DOMAINS = ["batch-a", "batch-b", "batch-c"]

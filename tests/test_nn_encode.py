@@ -10,9 +10,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from scalex_scale.nn import SCALEXModule
 from scalex_scale.nn import encode as encode_module
 from scalex_scale.nn.encode import encode_chunks
-from scalex_scale.nn import SCALEXModule
 
 N_FEATURES = 30
 

@@ -7,7 +7,6 @@ published in one atomic step, so a bad input, Ctrl-C, a full disk or a crash lea
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import logging
 from collections.abc import Sequence

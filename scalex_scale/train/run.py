@@ -67,10 +67,8 @@ def run_training(
 def _loader(source: Any, config: TrainConfig, rank: int, world: int, device: Any):
     from scalex_scale.data.loader import TrainingLoader
 
-    return TrainingLoader(
-        source, batch_size=config.batch_size, seed=config.seed, rank=rank, world_size=world, drop_last=True,
-        pin_memory=device.type == "cuda",
-    )  # fmt: skip
+    # the user's config (not rank_config): every rank shuffles the same way and reads its own shards
+    return TrainingLoader.from_train_config(source, config, rank=rank, world_size=world, pin_memory=device.type == "cuda")
 
 
 def _every(loader: Any, iterations: int) -> Callable[[Any], bool]:

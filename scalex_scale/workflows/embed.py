@@ -51,7 +51,7 @@ def embed_rows(
     module: SCALEXModule,
     state: PreprocessState,
     maxabs: np.ndarray,
-    target: "zarr.Array",  # noqa: F821
+    target: zarr.Array,  # noqa: F821
     *,
     rows: tuple[int, int] | None = None,
     device: torch.device,

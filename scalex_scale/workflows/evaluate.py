@@ -94,5 +94,7 @@ def evaluate(
             log.warning("plots skipped (%s): pip install 'scalex-scale[plot]'", err)
         else:
             labels_all = _labels(atlas, label_key).astype(str).to_numpy() if label_key else None
-            report.files += write_plots(out, latent[ok], batches[ok], None if labels_all is None else labels_all[ok], report.confusion, umap=umap, seed=seed)
+            projected = sorted((atlas.state.get("projection") or {}).get("maxabs", {}))
+            report.files += write_plots(out, latent[ok], batches[ok], None if labels_all is None else labels_all[ok],
+                                        report.confusion, projected=projected, umap=umap, seed=seed)  # fmt: skip
     return report

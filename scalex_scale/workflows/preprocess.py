@@ -143,7 +143,7 @@ def _write_training_matrix(
         spill, int(atlas.indptr[-1]), np.random.default_rng(seed), n_features=state.n_features, bucket_values=bucket_values
     )
     try:
-        for (start, stop), (values, mask) in zip(
+        for (start, _stop), (values, mask) in zip(
             runner.ranges, runner.map_ordered(lambda x, codes: transform_chunk(x, codes, state)), strict=True
         ):
             rows = start + np.flatnonzero(mask)
