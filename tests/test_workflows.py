@@ -15,6 +15,7 @@ import sys
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
 import scalex_scale as ss
@@ -107,3 +108,29 @@ def test_cli_options_come_from_the_config_dataclasses(capsys):
         parser.parse_args(["preprocess", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "RNA 600 genes, ATAC 100 peaks" in text and "(default: 3)" in text
+
+
+def test_plots_compare_reference_with_projected_cells(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from scalex_scale.workflows import plots
+
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(120, 10)).astype(np.float32)
+    batches = np.array(["r1"] * 40 + ["r2"] * 50 + ["q"] * 30, dtype=object)
+    labels = np.array(["A", "B", "C"] * 40, dtype=object)
+    import scalex_scale.metrics as M
+
+    seen, original = [], M.similarity_matrix
+
+    def spy(x, celltypes, groups, a, b):
+        seen.append((a, b, sorted(set(groups))))
+        return original(x, celltypes, groups, a, b)
+
+    monkeypatch.setattr(M, "similarity_matrix", spy)
+    confusion = pd.DataFrame([[90.0, 10.0], [5.0, 95.0]], index=["A", "B"], columns=["A", "unassigned"])
+    files = plots.write_plots(tmp_path, latent, batches, labels, confusion, projected=["q"], umap=False)
+    assert {p.rsplit("/", 1)[-1] for p in files} == {"confusion.png", "similarity.png"}
+    assert seen == [("reference", "query", ["query", "reference"])]  # not the two largest batches
+    seen.clear()
+    plots.write_plots(tmp_path, latent, batches, labels, None, umap=False)  # no projection: the two largest batches
+    assert seen[0][:2] == ("r2", "r1")

@@ -52,8 +52,8 @@ def heatmap(
     for i in range(df.shape[0]):
         for j in range(df.shape[1]):
             v = df.iat[i, j]
-            if np.isfinite(v):
-                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="w")
+            if np.isfinite(v):  # dark text on the bright end of viridis, white on the dark end
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7, color="k" if im.norm(v) > 0.6 else "w")
     ax.set_title(textwrap.fill(title, width=int(width * 9)), fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
