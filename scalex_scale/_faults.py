@@ -19,6 +19,7 @@ import _thread
 import atexit
 import errno
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -61,9 +62,14 @@ class FaultPlan:
         if self.mode == "interrupt":
             if threading.current_thread() is threading.main_thread():
                 raise KeyboardInterrupt
-            # Ctrl-C reaches the main thread, never Zarr's I/O thread: deliver it there, as SIGINT would, and
-            # fail this write too (a KeyboardInterrupt inside Zarr's event loop would kill the loop instead)
-            _thread.interrupt_main()
+            # Ctrl-C reaches the main thread, never Zarr's I/O thread: send SIGINT there, as a terminal does (a
+            # real signal also wakes the main thread from its wait on this write, so the KeyboardInterrupt is
+            # raised now, not whenever it next runs bytecode), then fail this write too (a KeyboardInterrupt
+            # inside Zarr's event loop would kill the loop instead)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            else:  # pragma: no cover - a host that installed its own SIGINT handler
+                _thread.interrupt_main()
             time.sleep(0.2)
             raise InjectedFault(f"write point {n} ({op} {detail}) interrupted")
         if self.mode == "enospc":
