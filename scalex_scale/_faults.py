@@ -92,11 +92,18 @@ def inject(mode: Mode = "count", at: int = 0) -> Iterator[FaultPlan]:
     """Install a :class:`FaultPlan` for the duration of the block (tests)."""
     global _plan
     previous, plan = _plan, FaultPlan(mode, at)
+    # "interrupt" is Ctrl-C: Python must turn SIGINT into KeyboardInterrupt, also in a process that inherited
+    # SIGINT ignored (a background job of a non-interactive shell), where a real Ctrl-C could not reach it
+    handler = None
+    if mode == "interrupt" and threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     _plan = plan
     try:
         yield plan
     finally:
         _plan = previous
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
 
 def _from_environment() -> None:
@@ -109,8 +116,8 @@ def _from_environment() -> None:
         plan = FaultPlan("count")
         atexit.register(lambda: open(arg, "w").write(str(plan.count)))
     elif mode == "pause":
-        at, _, signal = arg.partition(":")
-        plan = FaultPlan("pause", int(at), signal=signal)
+        at, _, path = arg.partition(":")
+        plan = FaultPlan("pause", int(at), signal=path)
     else:
         plan = FaultPlan(mode, int(arg))  # type: ignore[arg-type]
     _plan = plan
