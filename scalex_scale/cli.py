@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from ._openmp import bound_openmp_spin
 
 bound_openmp_spin()  # before torch is imported
-from .errors import ScalexError  # noqa: E402
+from .errors import ScalexError, TrainingInterrupted  # noqa: E402
 
 
 def _csv(value: str) -> list[str]:
@@ -101,6 +101,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-every", type=int, default=5000, metavar="N", dest="checkpoint_iterations",
+                   help="save a resumable checkpoint at the end of the epoch after about every N iterations (default: 5000)")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
+                   help="also save one after every M minutes of training; 0: never (default: 5). Ctrl-C or "
+                        "SIGTERM saves one too, then says how to --resume")  # fmt: skip
+
+
+def _checkpoint_kwargs(args: argparse.Namespace) -> dict:
+    return {"checkpoint_iterations": args.checkpoint_iterations, "checkpoint_minutes": args.checkpoint_minutes}
+
+
 def _train_config(args: argparse.Namespace):
     from .train.config import TrainConfig
 
@@ -156,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("model_dir")
     _add_train_args(p)
-    p.add_argument("--resume", action="store_true", help="resume from MODEL_DIR's trainer state")
+    p.add_argument("--resume", action="store_true", help="resume from MODEL_DIR's trainer state (exact to the batch)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in MODEL_DIR")
+    _add_checkpoint_args(p)
     p.add_argument("--distributed", action="store_true", help="data-parallel over torchrun's processes")
     p.add_argument("--sync-dsbn", action="store_true", help="all-reduce per-domain DSBN statistics across ranks")
 
@@ -172,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--join", choices=["inner", "outer"], default="inner")
     _add_preprocess_args(p)
     _add_train_args(p)
+    _add_checkpoint_args(p)
 
     p = sub.add_parser("project", help="embed new data with a trained model and append it to the atlas")
     p.add_argument("store")
@@ -248,7 +263,10 @@ def run(args: argparse.Namespace) -> int:
         state = api.preprocess(args.store, seed=args.seed, lock_timeout=wait, **_preprocess_kwargs(args))
         print(f"preprocessed {args.store}: {state.n_cells_kept:,} training cells x {state.n_features:,} features")
     elif cmd == "fit":
-        result = api.fit(args.store, args.model_dir, _train_config(args), resume=args.resume, distributed=args.distributed, sync_dsbn=args.sync_dsbn)
+        result = api.fit(
+            args.store, args.model_dir, _train_config(args), resume=args.resume, distributed=args.distributed,
+            sync_dsbn=args.sync_dsbn, overwrite=args.overwrite, **_checkpoint_kwargs(args),
+        )  # fmt: skip
         if result is not None:
             print(f"trained {result.n_iterations:,} iterations in {result.seconds:.1f} s; model in {args.model_dir}")
     elif cmd == "embed":
@@ -257,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     elif cmd == "integrate":
         out = api.integrate(
             args.inputs, args.outdir, batch_key=args.batch_key, batch_names=args.batch_names, join=args.join,
-            train=_train_config(args), **_preprocess_kwargs(args),
+            train=_train_config(args), **_checkpoint_kwargs(args), **_preprocess_kwargs(args),
         )
         print(f"atlas: {out.atlas}\nmodel: {out.model_dir}")
     elif cmd == "project":
@@ -289,6 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return run(args)
+    except TrainingInterrupted as err:
+        if args.debug:
+            raise
+        print(f"scalex-scale {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signum if err.signum else 130
     except ScalexError as err:
         if args.debug:
             raise

@@ -216,12 +216,19 @@ def test_early_stopping_restores_best_weights() -> None:
         assert torch.equal(value, snapshots[result.best_epoch][name]), name
 
 
-def test_non_finite_loss_stops() -> None:
+def test_non_finite_loss_is_an_error_naming_the_iteration() -> None:
+    from scalex_scale.errors import TrainingDivergedError
+
     x, domain = synthetic_problem(64)
     x[5, 3] = np.nan
-    result = Trainer(make_module(), cpu_config(max_iterations=100)).fit(InMemoryLoader(x, domain))
-    assert result.stopped_early and result.n_epochs == 1
-    assert math.isnan(result.history[0].loss) and result.best_epoch is None
+    with pytest.raises(TrainingDivergedError, match=r"non-finite \(nan\) at iteration 1 \(epoch 0\); try a lower --lr"):
+        Trainer(make_module(), cpu_config(max_iterations=100)).fit(InMemoryLoader(x, domain))
+    # with a cross-rank reduction only the epoch's reduced loss is read (every rank decides alike)
+    loader = InMemoryLoader(x, domain)
+    trainer = Trainer(make_module(), cpu_config(max_iterations=100), reduce_epoch_loss=lambda t: t)
+    with pytest.raises(TrainingDivergedError, match=f"between iterations 1 and {loader.batches_per_epoch} \\(epoch 0\\)"):
+        trainer.fit(loader)
+    assert trainer.state().history == ()  # the NaN epoch is not recorded as a result
 
 
 def test_reduce_epoch_loss_hook_sees_the_sums() -> None:
