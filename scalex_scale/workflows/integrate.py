@@ -25,6 +25,27 @@ class IntegrateResult:
     state: PreprocessState
     train: Any
 
+    def summary(self) -> str:
+        """What was done, where things are, and what to run next (printed by ``scalex-scale integrate``)."""
+        r, s, t = self.ingest, self.state, self.train
+        lines = [
+            f"integrated {r.n_cells_added:,} cells of {len(r.batches_added)} batches x {r.n_genes:,} genes",
+            f"  preprocess: {s.n_cells_kept:,} cells pass QC, {s.n_features:,} features ({s.profile}, scale {s.scale})",
+        ]
+        lines += [f"    batch {b}: {k:,} of {n:,} cells pass QC ({n - k:,} removed)" for b, (n, k) in s.qc_cells.items()]
+        stop = ", stopped early" if t.stopped_early else ""
+        lines += [
+            f"  fit: {t.n_iterations:,} iterations, {t.n_epochs:,} epochs in {t.seconds:.1f} s (best epoch loss "
+            f"{t.best_loss:.4g}{stop})",
+            f"  atlas: {self.atlas} (obsm['latent']: every cell passing QC)",
+            f"  model: {self.model_dir}",
+            "next:",
+            f"  scalex-scale info {self.atlas}                         obs columns (for --label-key), batches, model",
+            f"  scalex-scale evaluate {self.atlas} --label-key COLUMN --out {self.atlas.parent / 'report'}",
+            f"  scalex-scale project {self.atlas} {self.model_dir} NEW.h5ad   add new studies without retraining",
+        ]  # fmt: skip
+        return "\n".join(lines)
+
 
 def integrate(
     inputs: Sequence[Any],

@@ -77,7 +77,7 @@ def project(
                 atlas.update_state("reference", {"atlas": str(Path(store).resolve()), "model": str(Path(model_dir).resolve())})
             else:
                 atlas = txn.atlas
-            check_genes(atlas, model_config, model_dir, projecting=True)
+            check_genes(atlas, model_config, model_dir, projecting=True, query_store=query_store is not None)
             existing = set(atlas.batch_categories)
             options = AppendOptions(batch_key, batch_names, allow_duplicates=allow_duplicates, record="projection")
             report = append(atlas, sources, options)
