@@ -94,3 +94,42 @@ def test_a_model_of_another_atlas_points_somewhere_new(lossy, tmp_path):
     api.ingest(q, [a[:50, :200].copy()], batch_names=["x"])
     with pytest.raises(ScalexError, match="give --query-store a new path"):
         api.project(root / "run" / "atlas.zarr", model, [a[:50].copy()], batch_names=["q"], query_store=q, device="cpu")
+
+
+def test_project_summary_names_only_real_gene_differences():
+    from scalex_scale.workflows.project import ProjectReport
+
+    same = ProjectReport("a.zarr", {"q": 10}, 10, genes_missing={"q.h5ad": 0}, genes_dropped={"q.h5ad": 0})
+    assert same.summary().splitlines() == ["projected 10 cells into a.zarr (10 pass QC)", "  batch q: 10 cells"]
+    extra = ProjectReport("a.zarr", {"q": 10}, 10, genes_missing={"q.h5ad": 0}, genes_dropped={"q.h5ad": 4})
+    assert extra.summary().splitlines()[-1] == "  q.h5ad: every model gene present; 4 extra genes dropped"
+    missing = ProjectReport("a.zarr", {"q": 10}, 10, genes_missing={"q.h5ad": 3}, genes_dropped={"q.h5ad": 0})
+    assert "3 model genes missing (filled with 0)" in missing.summary()
+
+
+def test_leiden_runs_on_an_atlas(lossy):
+    """The plot extra brings igraph + leidenalg, so scanpy's leiden works on the atlas' latent."""
+    pytest.importorskip("leidenalg")
+    sc = pytest.importorskip("scanpy")
+    import anndata as ad
+
+    root = lossy[0]
+    a = ad.read_zarr(root / "run" / "atlas.zarr")
+    a = a[np.isfinite(a.obsm["latent"]).all(axis=1)].copy()
+    sc.pp.neighbors(a, use_rep="latent", n_neighbors=10)
+    sc.tl.leiden(a, flavor="igraph", n_iterations=2, directed=False)
+    assert a.obs["leiden"].nunique() >= 2
+
+
+def test_non_count_input_is_one_log_line_not_a_python_warning(tmp_path, caplog):
+    import warnings
+
+    a = make_synthetic(SyntheticConfig(n_cells=60, n_genes=50, n_batches=1, n_celltypes=2, mean_genes_per_cell=20, seed=1))
+    a.X = a.X.astype(np.float32)
+    a.X.data = np.log1p(a.X.data)
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        api.ingest(tmp_path / "a.zarr", [a])
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 1 and "values are not integers; scalex-scale expects raw counts" in lines[0]
+    assert not [w for w in seen if "integer" in str(w.message) or "count" in str(w.message)]
