@@ -133,3 +133,22 @@ def test_non_count_input_is_one_log_line_not_a_python_warning(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(lines) == 1 and "values are not integers; scalex-scale expects raw counts" in lines[0]
     assert not [w for w in seen if "integer" in str(w.message) or "count" in str(w.message)]
+
+
+def test_evaluate_says_direction_range_and_what_it_could_not_compute(lossy, tmp_path, caplog):
+    import json
+
+    atlas = lossy[0] / "run" / "atlas.zarr"
+    with caplog.at_level(logging.INFO):
+        report = api.evaluate(atlas, umap=False, out=tmp_path / "r")
+    table = report.table()
+    assert {"batch_entropy_mixing", "ilisi", "ilisi_raw", "kbet"} <= set(report.metrics)  # batches suffice for these
+    assert "metric" in table and "better  range" in table
+    assert [ln.split()[2:] for ln in table.splitlines() if ln.startswith("ilisi")] == [["higher", "1..#batches"], ["higher", "0..1"]]
+    assert "not computed: silhouette, clisi" in table and "they need cell types: pass --label-key COLUMN" in table
+    assert "evaluate: ilisi, kbet on " in caplog.text  # a line before the slow part
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert saved["scales"]["kbet"] == {"better": "higher", "range": "0..1"} and "batch_asw" in saved["not_computed"]
+    report = api.evaluate(atlas, label_key="celltype", umap=False)
+    assert [ln.split()[2] for ln in report.table().splitlines() if ln.startswith("clisi_raw")] == ["lower"]
+    assert "transfer_*" in report.not_computed and "scalex-scale transfer" in report.not_computed["transfer_*"]
