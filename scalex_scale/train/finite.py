@@ -7,8 +7,9 @@ began, and the Trainer reads it anyway once per epoch.
 
 How often, without adding a host sync per step:
 
-- on the CPU a read is a plain memory load (no queue to drain): checked after every step, so the error names the
-  exact iteration;
+- on the CPU a read is a plain memory load (no queue to drain; through a NumPy view of the sums, so not even an
+  ``aten::item`` call, which :mod:`scalex_scale.train.profiling` counts as a sync): checked after every step, so
+  the error names the exact iteration;
 - on CUDA, every :data:`CUDA_CHECK_EVERY` steps the sum is copied into pinned host memory without blocking and
   an event recorded; the copy is read at the next check point, when the event (recorded that many steps
   earlier) has long completed, so waiting on it does not drain the queue. The error then names the window of
@@ -59,6 +60,8 @@ class LossWatch:
         if self.cuda:
             self._host = torch.empty(1, dtype=sums.dtype, pin_memory=True)
             self._event = torch.cuda.Event()
+        else:
+            self._view = sums.numpy()  # shares the memory: the Trainer never reallocates its sums
 
     def reset(self, iteration: int) -> None:
         """A run (re)starts at ``iteration``: what came before was checked (or resumed from a saved state)."""
@@ -70,7 +73,7 @@ class LossWatch:
         if not self.enabled:
             return
         if not self.cuda:
-            value = float(self.sums[0])
+            value = float(self._view[0])
             if not math.isfinite(value):
                 raise diverged_error(_loss(value, f"at iteration {iteration:,} (epoch {epoch})"), self.config)
             self.finite_through = iteration
