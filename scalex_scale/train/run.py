@@ -37,10 +37,11 @@ class RunOptions:
         Save a resumable trainer state at the end of the epoch after about every this many iterations.
     checkpoint_minutes
         Also save one after every this many minutes of training, at the next step (resumes exactly); 0: never.
-        One process only (with ``distributed`` the ranks would have to agree on the clock: iterations only).
+        With ``distributed``: at the next epoch's end (the ranks agree through one tiny all-reduce per epoch).
     handle_signals
         One process only: on SIGINT/SIGTERM stop at the next step, save a resumable state and raise
-        :class:`~scalex_scale.errors.TrainingInterrupted` (a second SIGINT aborts without saving).
+        :class:`~scalex_scale.errors.TrainingInterrupted` (a second SIGINT aborts without saving). Under
+        ``torchrun`` the launcher owns the signals: the timed checkpoints are what a kill leaves.
     """
 
     resume: bool = False
@@ -189,8 +190,16 @@ def _run_distributed(source, model_dir, module, config, options, model_config, p
             D.save_distributed_checkpoint(ctx, trainer, model_dir, model_config=model_config, preprocess_state=prep)
 
         due = _every(loader, options.checkpoint_iterations)
+        clock = _EpochClock(ctx, options.checkpoint_minutes)
+
+        def on_epoch_end(record: Any, tr: Any) -> None:
+            timed = clock.due()  # a collective: every rank calls it at every epoch's end
+            if due(record) or timed:
+                save()
+                clock.restart()
+
         with loader:  # the loader's pipeline runs across epochs; stop it when the run returns
-            result = trainer.fit(loader, on_epoch_end=lambda rec, tr: save() if due(rec) else None)
+            result = trainer.fit(loader, on_epoch_end=on_epoch_end)
         D.sync_buffers(module, ctx)
         save()
         if ctx.is_main and on_saved is not None:
@@ -199,3 +208,25 @@ def _run_distributed(source, model_dir, module, config, options, model_config, p
         return result
     finally:
         D.shutdown()
+
+
+class _EpochClock:
+    """The timed cadence under data parallelism: at an epoch's end, due when any rank's clock says so (one
+    one-element all-reduce per epoch, so the ranks agree; their clocks may differ)."""
+
+    def __init__(self, ctx: Any, minutes: float) -> None:
+        self.ctx, self.period = ctx, minutes * 60.0
+        self.restart()
+
+    def restart(self) -> None:
+        self.next = time.monotonic() + self.period
+
+    def due(self) -> bool:
+        if self.period <= 0:
+            return False
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(time.monotonic() >= self.next)], device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -45,8 +45,9 @@ def fit(
     checkpoint_iterations
         Save a resumable trainer state at the end of the epoch after every this many iterations.
     checkpoint_minutes
-        Also save one after every this many minutes of training (0: never; one process only). On SIGINT/SIGTERM
-        a one-process run saves one too and raises :class:`~scalex_scale.errors.TrainingInterrupted`.
+        Also save one after every this many minutes of training (0: never; with ``distributed`` at an epoch's
+        end). On SIGINT/SIGTERM a one-process run saves one too and raises
+        :class:`~scalex_scale.errors.TrainingInterrupted`.
     overwrite
         Replace a model already in ``model_dir`` (without it, or ``resume``, that is refused).
 
