@@ -110,7 +110,8 @@ def test_fit_refuses_an_existing_model_without_overwrite(atlas, tmp_path, capsys
     assert not all(torch.equal(before[k], v) for k, v in _weights(Path(model)).items())
 
 
-def test_sigint_saves_a_checkpoint_from_which_resume_reaches_the_straight_run(atlas, tmp_path, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_from_which_resume_reaches_the_straight_run(atlas, tmp_path, sig):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     common = ["--max-iterations", "40", "--device", "cpu", "--no-progress", "--seed", "1", "--checkpoint-every", "1"]
     flag = tmp_path / "paused"
@@ -125,18 +126,20 @@ def test_sigint_saves_a_checkpoint_from_which_resume_reaches_the_straight_run(at
         while not flag.exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)  # handled while the checkpoint is written: training stops at the next step
+        proc.send_signal(sig)  # handled while the checkpoint is written: training stops at the next step
         time.sleep(0.3)
         flag.unlink()
         out, err = proc.communicate(timeout=240)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + sig, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("scalex-scale fit: SIGINT at iteration ") and "of 40: a resumable checkpoint is saved" in last
+    assert last.startswith(f"scalex-scale fit: {sig.name} at iteration ") and "of 40: a resumable checkpoint is saved" in last
     assert last.endswith(f"resume with: scalex-scale fit {atlas} {interrupted} --resume"), last
     state = load_trainer_state(interrupted)
     assert state is not None and 0 < state.batch and state.iteration < 40  # mid-epoch: one step after the pause
+    if sig == signal.SIGTERM:
+        return  # the same path; the resume is checked once
     assert main(["fit", str(atlas), str(interrupted), *common, "--resume"]) == 0
     assert main(["fit", str(atlas), str(straight), *common]) == 0
     a, b = _weights(straight), _weights(interrupted)
