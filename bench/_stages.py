@@ -179,7 +179,7 @@ def stage_fit(a: dict[str, Any]) -> dict[str, Any]:
 
     cfg = _train_config(a)
     t0 = time.perf_counter()
-    result = api.fit(a["store"], a["model_dir"], cfg)
+    result = api.fit(a["store"], a["model_dir"], cfg, overwrite=True)  # a harness: repeats reuse the directory
     wall = time.perf_counter() - t0
     return {
         "wall_s": wall, "iterations": result.n_iterations, "epochs": result.n_epochs,

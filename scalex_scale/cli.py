@@ -18,11 +18,22 @@ from collections.abc import Sequence
 from ._openmp import bound_openmp_spin
 
 bound_openmp_spin()  # before torch is imported
-from .errors import ScalexError  # noqa: E402
+from .errors import ScalexError, TrainingInterrupted  # noqa: E402
 
 
 def _csv(value: str) -> list[str]:
     return [v for v in value.split(",") if v]
+
+
+_ATLAS_HELP = "the atlas: a scalex-scale Zarr store (a directory, e.g. atlas.zarr)"
+_NEW_ATLAS_HELP = "the atlas to create, or to append the inputs to as new batches (a Zarr directory, e.g. atlas.zarr)"
+_MODEL_HELP = "model directory (a scalex-scale checkpoint, written by fit)"
+_INPUTS_HELP = ".h5ad, .h5 (10x), AnnData .zarr, 10x MTX directories, or TileDB-SOMA experiments (raw counts)"
+_DEVICE_HELP = "where the encoder runs (default: auto, CUDA when available)"
+
+
+def _atlas(p: argparse.ArgumentParser, help_text: str = _ATLAS_HELP) -> None:
+    p.add_argument("store", metavar="ATLAS", help=help_text)
 
 
 def _add_batch_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +112,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-every", type=int, default=5000, metavar="N", dest="checkpoint_iterations",
+                   help="save a resumable checkpoint at the end of the epoch after about every N iterations (default: 5000)")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
+                   help="also save one after every M minutes of training; 0: never (default: 5). Ctrl-C or "
+                        "SIGTERM saves one too, then says how to --resume")  # fmt: skip
+
+
+def _checkpoint_kwargs(args: argparse.Namespace) -> dict:
+    return {"checkpoint_iterations": args.checkpoint_iterations, "checkpoint_minutes": args.checkpoint_minutes}
+
+
 def _train_config(args: argparse.Namespace):
     from .train.config import TrainConfig
 
@@ -116,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="scalex-scale",
         description="Out-of-core single-cell data integration with SCALEX on Zarr atlases.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"scalex-scale {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument(
@@ -125,11 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="create an atlas from inputs, or append them as new batches")
-    p.add_argument("store")
-    p.add_argument("inputs", nargs="+", help=".h5ad, .h5 (10x), AnnData .zarr, 10x MTX directories, or TileDB-SOMA experiments")
+    _atlas(p, _NEW_ATLAS_HELP)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
     _add_batch_args(p)
-    p.add_argument("--join", choices=["inner", "outer"], default="inner", help="gene join of a new atlas")
-    p.add_argument("--profile", choices=["RNA", "ATAC"], default="RNA")
+    p.add_argument("--join", choices=["inner", "outer"], default="inner",
+                   help="genes of a new atlas from several inputs: those in all (inner) or in any (outer) (default: inner)")
+    p.add_argument("--profile", choices=["RNA", "ATAC"], default="RNA", help="RNA genes or ATAC peaks (default: RNA)")
     p.add_argument("--allow-duplicates", action="store_true",
                    help="add cells already in the atlas (same names in the same batch, or the same file)")
     soma = p.add_argument_group("TileDB-SOMA inputs (CELLxGENE Census; needs pip install \"scalex-scale[soma]\")")
@@ -138,72 +165,88 @@ def build_parser() -> argparse.ArgumentParser:
     soma.add_argument("--obs-filter", default=None, help="tiledbsoma value_filter on obs, e.g. \"tissue_general == 'blood'\"")
 
     p = sub.add_parser("check", help="verify every invariant of an atlas (and --repair what is safe to repair)")
-    p.add_argument("store")
+    _atlas(p)
     p.add_argument("--repair", action="store_true",
                    help="finish an interrupted commit, remove orphaned temporaries, rewrite stale metadata")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
 
     p = sub.add_parser("info", help="summarise an atlas")
-    p.add_argument("store")
-    p.add_argument("--json", action="store_true")
+    _atlas(p)
+    p.add_argument("--json", action="store_true", help="the summary as JSON")
 
     p = sub.add_parser("preprocess", help="filter, normalize, select features, scale; write the training matrix")
-    p.add_argument("store")
+    _atlas(p)
     _add_preprocess_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the stored row permutation")
 
     p = sub.add_parser("fit", help="train the SCALEX model on a preprocessed atlas")
-    p.add_argument("store")
-    p.add_argument("model_dir")
+    _atlas(p, "a preprocessed atlas (scalex-scale preprocess)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="where to save the model (refused if it holds one: see --overwrite, --resume)")
     _add_train_args(p)
-    p.add_argument("--resume", action="store_true", help="resume from MODEL_DIR's trainer state")
+    p.add_argument("--resume", action="store_true", help="resume from MODEL_DIR's trainer state (exact to the batch)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in MODEL_DIR")
+    _add_checkpoint_args(p)
     p.add_argument("--distributed", action="store_true", help="data-parallel over torchrun's processes")
     p.add_argument("--sync-dsbn", action="store_true", help="all-reduce per-domain DSBN statistics across ranks")
 
     p = sub.add_parser("embed", help="write obsm['latent'] for every cell of the atlas")
-    p.add_argument("store")
-    p.add_argument("model_dir")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _atlas(p, "the atlas the model was trained on")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help=_MODEL_HELP)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=_DEVICE_HELP)
 
     p = sub.add_parser("integrate", help="ingest + preprocess + fit + embed in one go")
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("--outdir", required=True)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP)
+    p.add_argument("--outdir", required=True, help="new directory for OUTDIR/atlas.zarr and OUTDIR/model")
     _add_batch_args(p)
-    p.add_argument("--join", choices=["inner", "outer"], default="inner")
+    p.add_argument("--join", choices=["inner", "outer"], default="inner",
+                   help="genes of the atlas from several inputs: those in all (inner) or in any (outer) (default: inner)")
     _add_preprocess_args(p)
     _add_train_args(p)
+    _add_checkpoint_args(p)
 
     p = sub.add_parser("project", help="embed new data with a trained model and append it to the atlas")
-    p.add_argument("store")
-    p.add_argument("model_dir")
-    p.add_argument("inputs", nargs="+")
+    _atlas(p, "the atlas the model was trained on (the query is appended to it as new batches)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help=_MODEL_HELP)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=_INPUTS_HELP + "; genes are aligned to the model's")
     _add_batch_args(p)
-    p.add_argument("--query-store", default=None, help="write the query to this separate atlas instead")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--query-store", default=None, metavar="ATLAS",
+                   help="write the query to this separate (new or existing) atlas instead")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=_DEVICE_HELP)
     p.add_argument("--allow-duplicates", action="store_true", help="project cells already in the atlas again")
 
     p = sub.add_parser("transfer", help="transfer labels from reference to query cells in the latent space")
-    p.add_argument("store")
-    p.add_argument("--label-key", required=True)
-    p.add_argument("--reference-batches", type=_csv, default=None)
-    p.add_argument("--query-batches", type=_csv, default=None)
-    p.add_argument("--k", type=int, default=30)
-    p.add_argument("--threshold", type=float, default=0.5, help="confidence below which a cell is 'unassigned'")
+    _atlas(p, "an embedded atlas (obsm['latent'], from embed or project)")
+    p.add_argument("--label-key", required=True, help="obs column of the reference's labels (scalex-scale info lists the columns)")
+    p.add_argument("--reference-batches", type=_csv, default=None, metavar="B1,B2",
+                   help="batches whose labels are transferred (default: the batches the model was trained on)")
+    p.add_argument("--query-batches", type=_csv, default=None, metavar="B1,B2",
+                   help="batches that receive labels (default: all other batches)")
+    p.add_argument("--k", type=int, default=30, help="reference neighbours that vote (default: 30)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="confidence (the winning label's share of the vote) below which a cell is 'unassigned' (default: 0.5)")
 
     p = sub.add_parser("evaluate", help="integration metrics (and plots with --out)")
-    p.add_argument("store")
-    p.add_argument("--label-key", default=None)
-    p.add_argument("--out", default=None, help="directory for metrics.json and PNG plots")
-    p.add_argument("--no-umap", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    _atlas(p, "an embedded atlas (obsm['latent'], from embed or project)")
+    p.add_argument("--label-key", default=None,
+                   help="obs column of cell types, for the biology-conservation metrics (without it: batch mixing only)")
+    p.add_argument("--out", default=None, help="directory for metrics.json, confusion.csv and PNG plots")
+    p.add_argument("--no-umap", action="store_true", help="skip the UMAP (and its plot)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the metrics' random draws and of the UMAP (default: 0)")
 
     p = sub.add_parser("demo", help="the whole story on built-in synthetic data")
-    p.add_argument("--outdir", default="scalex_demo")
-    p.add_argument("--n-cells", type=int, default=6000)
-    p.add_argument("--max-iterations", type=int, default=1500)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outdir", default="scalex_demo", help="directory for the outputs: new, or an earlier demo's (replaced) (default: scalex_demo)")
+    p.add_argument("--n-cells", type=int, default=6000, help="synthetic cells (default: 6000)")
+    p.add_argument("--max-iterations", type=int, default=1500, help="training iterations (default: 1500)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default: 0)")
     return parser
+
+
+def _qc_lines(state) -> list[str]:
+    """One line per batch: how many cells passed QC and how many it removed."""
+    return [
+        f"  batch {b}: {k:,} of {n:,} cells pass QC ({n - k:,} removed)" for b, (n, k) in state.qc_cells.items()
+    ]
 
 
 def _print_json(obj) -> None:
@@ -247,8 +290,13 @@ def run(args: argparse.Namespace) -> int:
     elif cmd == "preprocess":
         state = api.preprocess(args.store, seed=args.seed, lock_timeout=wait, **_preprocess_kwargs(args))
         print(f"preprocessed {args.store}: {state.n_cells_kept:,} training cells x {state.n_features:,} features")
+        for line in _qc_lines(state):
+            print(line)
     elif cmd == "fit":
-        result = api.fit(args.store, args.model_dir, _train_config(args), resume=args.resume, distributed=args.distributed, sync_dsbn=args.sync_dsbn)
+        result = api.fit(
+            args.store, args.model_dir, _train_config(args), resume=args.resume, distributed=args.distributed,
+            sync_dsbn=args.sync_dsbn, overwrite=args.overwrite, **_checkpoint_kwargs(args),
+        )  # fmt: skip
         if result is not None:
             print(f"trained {result.n_iterations:,} iterations in {result.seconds:.1f} s; model in {args.model_dir}")
     elif cmd == "embed":
@@ -257,9 +305,9 @@ def run(args: argparse.Namespace) -> int:
     elif cmd == "integrate":
         out = api.integrate(
             args.inputs, args.outdir, batch_key=args.batch_key, batch_names=args.batch_names, join=args.join,
-            train=_train_config(args), **_preprocess_kwargs(args),
+            train=_train_config(args), **_checkpoint_kwargs(args), **_preprocess_kwargs(args),
         )
-        print(f"atlas: {out.atlas}\nmodel: {out.model_dir}")
+        print(out.summary())
     elif cmd == "project":
         report = api.project(
             args.store, args.model_dir, args.inputs, batch_key=args.batch_key, batch_names=args.batch_names,
@@ -289,6 +337,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return run(args)
+    except TrainingInterrupted as err:
+        if args.debug:
+            raise
+        print(f"scalex-scale {args.command}: {err}", file=sys.stderr)
+        return 128 + err.signum if err.signum else 130
     except ScalexError as err:
         if args.debug:
             raise

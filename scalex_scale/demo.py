@@ -18,6 +18,38 @@ def _say(step: int, text: str, t0: float) -> None:
     print(f"[{step}/7 {time.perf_counter() - t0:6.1f}s] {text}", flush=True)
 
 
+def _demo_text(out: Path, argv: str, studies: list[str], query: str, table: str, seconds: float) -> str:
+    """``demo.txt``: what was run (as the equivalent commands) and where the outputs are."""
+    from . import __version__
+
+    a, m, ref = out / "atlas.zarr", out / "model", studies[:-1]
+    inputs = " ".join(str(out / "inputs" / f"{b}.h5ad") for b in ref)
+    return "\n".join([
+        f"scalex-scale {__version__} demo, {time.strftime('%Y-%m-%d %H:%M:%S')}, {seconds:.0f} s:",
+        f"  scalex-scale demo {argv}",
+        "",
+        "What it ran (the same steps as commands):",
+        f"  # synthetic counts, 4 studies with partially overlapping cell types -> {out / 'inputs'}/<study>.h5ad",
+        f"  scalex-scale ingest {a} {inputs} --batch-names {','.join(ref)}",
+        f"  scalex-scale preprocess {a}",
+        f"  scalex-scale fit {a} {m} --max-iterations ...",
+        f"  scalex-scale embed {a} {m}",
+        f"  scalex-scale project {a} {m} {out / 'inputs' / f'{query}.h5ad'} --batch-names {query}   # held back",
+        f"  scalex-scale transfer {a} --label-key celltype --query-batches {query}",
+        f"  scalex-scale evaluate {a} --label-key celltype --out {out / 'report'}",
+        "",
+        "Where the outputs are:",
+        f"  {a}   the atlas (anndata.read_zarr): obsm['latent'], obs['celltype_transfer'] and its confidence",
+        f"  {m}   the trained model (safetensors + JSON)",
+        f"  {out / 'report'}   metrics.json, confusion.csv and the PNG plots",
+        f"  {out / 'inputs'}   the synthetic studies as .h5ad",
+        "",
+        "Metrics:",
+        *("  " + line for line in table.splitlines()),
+        "",
+    ])  # fmt: skip
+
+
 def run_demo(outdir: str | Path = "scalex_demo", *, n_cells: int = 6000, max_iterations: int = 1500, device: str = "auto", seed: int = 0) -> dict:
     """Run the demo into ``outdir`` (replaced if it holds an earlier demo); returns the headline numbers."""
     from . import api
@@ -32,7 +64,7 @@ def run_demo(outdir: str | Path = "scalex_demo", *, n_cells: int = 6000, max_ite
             raise ScalexError(f"{out}: exists and is not an earlier demo (no demo.txt), so it is left alone; choose another --outdir")
         shutil.rmtree(out)
     (out / "inputs").mkdir(parents=True)
-    (out / "demo.txt").write_text("scalex-scale demo output\n")
+    (out / "demo.txt").write_text("scalex-scale demo output (in progress, or interrupted)\n")  # marks the folder ours
     cfg = SyntheticConfig(n_cells=n_cells, n_genes=3000, n_batches=4, n_celltypes=8, mean_genes_per_cell=1000, seed=seed)
     _say(1, f"generating {n_cells:,} synthetic cells x {cfg.n_genes:,} genes in 4 studies (partially overlapping types)", t0)
     adata = make_synthetic(cfg)
@@ -72,5 +104,8 @@ def run_demo(outdir: str | Path = "scalex_demo", *, n_cells: int = 6000, max_ite
     _say(7, f"evaluating the integration and writing plots to {out / 'report'}", t0)
     report = api.evaluate(atlas, label_key="celltype", out=out / "report", seed=seed)
     print("        " + report.table().replace("\n", "\n        "), flush=True)
-    print(f"done in {time.perf_counter() - t0:.0f} s: atlas {atlas}, model {model}, report {out / 'report'}", flush=True)
+    argv = f"--outdir {out} --n-cells {n_cells} --max-iterations {max_iterations} --device {device} --seed {seed}"
+    (out / "demo.txt").write_text(_demo_text(out, argv, studies, query, report.table(), time.perf_counter() - t0))
+    print(f"done in {time.perf_counter() - t0:.0f} s: atlas {atlas}, model {model}, report {out / 'report'}; "
+          f"{out / 'demo.txt'} says what was run", flush=True)  # fmt: skip
     return {"metrics": report.metrics, "transfer": summary.metrics, "novel_unassigned": frac, "seconds": time.perf_counter() - t0}

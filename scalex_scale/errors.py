@@ -40,3 +40,18 @@ class CheckpointError(ScalexError, ValueError):
 
 class MissingCheckpointError(CheckpointError, FileNotFoundError):
     """A model directory does not exist or holds no checkpoint."""
+
+
+class TrainingDivergedError(ScalexError):
+    """The training loss (or the weights) became non-finite; the message names the iteration and what to try."""
+
+
+class TrainingInterrupted(ScalexError):
+    """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint (the message says how to resume).
+
+    ``signum`` is the signal's number (the command line exits with ``128 + signum``).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

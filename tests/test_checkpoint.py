@@ -165,13 +165,26 @@ def test_resume_of_a_finished_run_is_a_no_op(tmp_path: Path) -> None:
     assert again.n_iterations == state.iteration and loader.calls == []
 
 
-def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
+def test_non_finite_weights_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import scalex_scale.train.checkpoint as C
+
+    good = make_module()
+    save_checkpoint(tmp_path / "m", good)
     module = make_module()
     with torch.no_grad():
         module.dsbn.bias[0, 0] = float("nan")
-    save_checkpoint(tmp_path, module)
+    with pytest.raises(C.CheckpointError, match=r"refusing to save weights that are not finite \(dsbn.bias\)"):
+        save_checkpoint(tmp_path / "m", module)  # the good checkpoint stays
+    assert torch.equal(load_checkpoint(tmp_path / "m")[0].dsbn.bias, good.dsbn.bias)
+    trainer, trained = _trained(6)
+    state = trainer.state()
+    state.best_state["dsbn.bias"][0, 0] = float("inf")
+    with pytest.raises(C.CheckpointError, match="trainer state's best weights"):
+        save_checkpoint(tmp_path / "m", trained, trainer_state=state)
+    monkeypatch.setattr(C, "_refuse_non_finite", lambda *a: None)  # a file written by another tool, say
+    save_checkpoint(tmp_path / "nan", module)
     with pytest.raises(ValueError, match="not finite"):
-        load_checkpoint(tmp_path)
+        load_checkpoint(tmp_path / "nan")
 
 
 def test_torn_or_mixed_checkpoint_is_refused(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -13,13 +15,20 @@ def test_demo_small(tmp_path, capsys):
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["demo", "--outdir", str(tmp_path / "demo"), "--n-cells", "1500", "--max-iterations", "40", "--device", "cpu"]) == 0
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert main(["demo", "--outdir", str(tmp_path / "demo"), "--n-cells", "1500", "--max-iterations", "40", "--device", "cpu"]) == 0
     finally:
         torch.set_num_threads(old)
     out = capsys.readouterr().out
     assert "[7/7" in out and "transfer_ARI" in out
     for name in ("metrics.json", "umap.png", "confusion.png"):
         assert (tmp_path / "demo" / "report" / name).exists()
+    text = (tmp_path / "demo" / "demo.txt").read_text()  # what was run, and where the outputs are
+    assert f"scalex-scale demo --outdir {tmp_path / 'demo'} --n-cells 1500 --max-iterations 40" in text
+    assert f"scalex-scale evaluate {tmp_path / 'demo' / 'atlas.zarr'}" in text and "transfer_ARI" in text
+    assert f"{tmp_path / 'demo' / 'report'}   metrics.json" in text
+    assert not [w for w in seen if "n_jobs" in str(w.message)]  # umap's n_jobs warning is gone
     # an existing directory that is not a demo is not overwritten
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")

@@ -231,12 +231,19 @@ def test_early_stopping_restores_best_weights() -> None:
         assert torch.equal(value, snapshots[result.best_epoch][name]), name
 
 
-def test_non_finite_loss_stops() -> None:
+def test_non_finite_loss_is_an_error_naming_the_iteration() -> None:
+    from scalex_scale.errors import TrainingDivergedError
+
     x, domain = synthetic_problem(64)
     x[5, 3] = np.nan
-    result = Trainer(make_module(), cpu_config(max_iterations=100)).fit(InMemoryLoader(x, domain))
-    assert result.stopped_early and result.n_epochs == 1
-    assert math.isnan(result.history[0].loss) and result.best_epoch is None
+    with pytest.raises(TrainingDivergedError, match=r"non-finite \(nan\) at iteration 1 \(epoch 0\); try a lower --lr"):
+        Trainer(make_module(), cpu_config(max_iterations=100)).fit(InMemoryLoader(x, domain))
+    # with a cross-rank reduction only the epoch's reduced loss is read (every rank decides alike)
+    loader = InMemoryLoader(x, domain)
+    trainer = Trainer(make_module(), cpu_config(max_iterations=100), reduce_epoch_loss=lambda t: t)
+    with pytest.raises(TrainingDivergedError, match=f"between iterations 1 and {loader.batches_per_epoch} \\(epoch 0\\)"):
+        trainer.fit(loader)
+    assert trainer.state().history == ()  # the NaN epoch is not recorded as a result
 
 
 def test_reduce_epoch_loss_hook_sees_the_sums() -> None:
@@ -431,3 +438,36 @@ def test_bf16_with_compile_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     eager = Trainer(make_module(), cfg).fit(make_loader())
     for a, b in zip(compiled.history, eager.history, strict=True):
         assert a.loss == pytest.approx(b.loss, rel=1e-3)
+
+
+def test_loss_watch_lagged_window_logic() -> None:
+    """The CUDA path of the divergence watch (train/finite.py), its event faked so it runs here: a copy every
+    CUDA_CHECK_EVERY steps, read one check later (or later still while the event is not done)."""
+    from scalex_scale.errors import TrainingDivergedError
+    from scalex_scale.train.finite import CUDA_CHECK_EVERY as K
+    from scalex_scale.train.finite import LossWatch
+
+    class Event:
+        done = True
+
+        def record(self) -> None: ...
+
+        def query(self) -> bool:
+            return self.done
+
+    sums = torch.zeros(3, dtype=torch.float64)
+    watch = LossWatch(sums, cpu_config())
+    watch.cuda, watch._event = True, Event()
+    watch._host = torch.empty(1, dtype=torch.float64)
+    watch._host_view = watch._host.numpy()
+    watch.reset(0)
+    for it in range(1, 4 * K + 1):
+        sums[0] += float("nan") if it == K + 5 else 1.0
+        # at 2K the copy taken at K is "not done": no new copy then; at 3K it is read (finite) and 3K's taken
+        watch._event.done = it != 2 * K
+        if it < 4 * K:
+            watch.after_step(it, 0)
+            assert watch.finite_through == (K if it >= 3 * K else 0)
+            continue
+        with pytest.raises(TrainingDivergedError, match=f"between iterations {K + 1:,} and {3 * K:,}"):
+            watch.after_step(it, 0)

@@ -164,3 +164,33 @@ def test_compile_inside_the_whole_step_graph() -> None:
     torch._dynamo.reset()
     _, result, _ = _fit(_config(cuda_graphs=True, compile=True, max_iterations=40))
     assert math.isfinite(result.history[-1].loss)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_divergence_is_caught_on_cuda_within_the_check_window(monkeypatch, cuda_graphs):
+    """The lagged, non-blocking read of the running loss (train/finite.py) names a window that holds the first
+    NaN step, eager and under a CUDA graph (whose captured step adds into the same sums)."""
+    from scalex_scale.errors import TrainingDivergedError
+    from scalex_scale.train.finite import CUDA_CHECK_EVERY
+
+    bad_at = CUDA_CHECK_EVERY + 37  # weights poisoned after this step: the next loss is NaN
+    module = _module()
+    trainer = Trainer(module, _config(max_iterations=6 * CUDA_CHECK_EVERY, cuda_graphs=cuda_graphs))
+    step = trainer._step
+
+    def poisoned(batch):
+        step(batch)
+        if trainer._progress.iteration + 1 == bad_at:
+            with torch.no_grad():
+                next(module.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(trainer, "_step", poisoned)
+    # epochs of 1,000 steps: the mid-epoch lagged read must catch it, not the epoch's end
+    loader = TrainingLoader(_source(64_000), batch_size=64, shard_size=4096, buffer_shards=2, seed=0, pin_memory=True)
+    with loader, pytest.raises(TrainingDivergedError) as info:
+        trainer.fit(loader)
+    msg = str(info.value)
+    first, last = (int(v.replace(",", "")) for v in msg.split("between iterations ")[1].split(" (")[0].split(" and "))
+    # the window is one check period, longer only while the device runs that far behind the host
+    assert first <= bad_at + 1 <= last and last - first < 4 * CUDA_CHECK_EVERY and "checked every" in msg, msg
+    assert trainer._progress.iteration <= last + 4 * CUDA_CHECK_EVERY

@@ -189,6 +189,9 @@ class PreprocessState:
         ATAC: median over kept cells of the number of open selected peaks (the normalization target).
     n_cells_kept
         Number of cells passing the cell filter.
+    qc_cells
+        ``{batch name: (cells, cells passing QC)}``: what the cell filter removed from each batch (empty in states
+        written before it was recorded).
     """
 
     FORMAT_VERSION: ClassVar[int] = 1
@@ -210,6 +213,7 @@ class PreprocessState:
     maxabs: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     median_total: float | None = None
     n_cells_kept: int = 0
+    qc_cells: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.profile not in ("RNA", "ATAC"):
@@ -224,6 +228,7 @@ class PreprocessState:
         object.__setattr__(
             self, "maxabs", {str(k): tuple(float(v) for v in vals) for k, vals in dict(self.maxabs).items()}
         )
+        object.__setattr__(self, "qc_cells", {str(k): (int(n), int(m)) for k, (n, m) in dict(self.qc_cells).items()})
         if len(self.features) != len(self.feature_index):
             raise ValueError("features and feature_index differ in length")
         for name in ("feature_index", "dropped_index", "genes_kept_index"):
@@ -309,6 +314,7 @@ class PreprocessState:
             "maxabs": {k: list(v) for k, v in self.maxabs.items()},
             "median_total": None if self.median_total is None else float(self.median_total),
             "n_cells_kept": int(self.n_cells_kept),
+            "qc_cells": {k: list(v) for k, v in self.qc_cells.items()},
         }
 
     def to_json(self) -> str:
@@ -341,6 +347,7 @@ class PreprocessState:
             maxabs=d.get("maxabs", {}),
             median_total=d.get("median_total"),
             n_cells_kept=int(d.get("n_cells_kept", 0)),
+            qc_cells=d.get("qc_cells", {}),
         )
 
     @classmethod

@@ -126,6 +126,15 @@ def _float_to_json(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)  # "inf", "-inf", "nan": JSON has no literal for them
 
 
+def _refuse_non_finite(directory: Path, state: Mapping[str, torch.Tensor], what: str) -> None:
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise CheckpointError(
+            f"{directory}: refusing to save {what}weights that are not finite ({bad}); training diverged: "
+            "the checkpoint already there (if any) is kept"
+        )
+
+
 # --------------------------------------------------------------------- model
 def save_checkpoint(
     directory: str | os.PathLike[str],
@@ -155,8 +164,19 @@ def save_checkpoint(
     -------
     Path
         The directory.
+
+    Raises
+    ------
+    CheckpointError
+        The module's (or the trainer state's current or best) weights are not finite: nothing is written, the
+        checkpoint already in ``directory`` (the last good one) is kept.
     """
     directory = Path(directory)
+    _refuse_non_finite(directory, module.state_dict(), "")
+    if trainer_state is not None:
+        _refuse_non_finite(directory, trainer_state.model_state, "the trainer state's ")
+        if trainer_state.best_state is not None:
+            _refuse_non_finite(directory, trainer_state.best_state, "the trainer state's best ")
     hparams = module.hparams
     config: dict[str, Any] = dict(model_config or {})
     for key, value in hparams.items():

@@ -3,7 +3,9 @@
 The loop lives apart from the module (:mod:`scalex_scale.nn`) and from files
 (:mod:`scalex_scale.train.checkpoint`). Device-to-host syncs happen once per epoch (reading the
 epoch's loss sums), once per ``log_every`` steps when the progress bar is shown, when a
-:class:`TrainerState` snapshot is taken, and once at the end for the timing. On CUDA each batch
+:class:`TrainerState` snapshot is taken, and once at the end for the timing; the divergence watch
+(:mod:`scalex_scale.train.finite`) adds none (a NumPy view on the CPU; on CUDA one non-blocking copy
+per 200 steps, read when its event reports done). On CUDA each batch
 is copied to the device one step ahead, on a side stream (one copy of a packed batch), and
 densified on the compute stream; ``bench/step_ops.py`` counts what one step launches.
 """
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from scalex_scale.data.device import device_batches
 from scalex_scale.nn.vae import LossOutput, SCALEXModule
 from scalex_scale.train.config import TrainConfig, cpu_has_bf16, resolve_device
+from scalex_scale.train.finite import LossWatch
 
 if TYPE_CHECKING:
     from scalex_scale.data.batch import CSRBatch, StagedBatch
@@ -114,10 +117,11 @@ class TrainResult:
     best_epoch, best_loss
         Epoch with the lowest epoch-mean loss and that loss (None / inf before any epoch).
     stopped_early
-        Early stopping fired (patience exhausted, or a non-finite epoch loss).
+        Early stopping fired (patience exhausted). A non-finite loss is no stop but an error:
+        :class:`~scalex_scale.errors.TrainingDivergedError` (see :mod:`scalex_scale.train.finite`).
     completed
         Training finished (budget spent or stopped early) and the best weights were restored.
-        False when paused by ``pause_at_iteration`` or by ``on_epoch_end``: the module then holds
+        False when paused by ``pause_at_iteration``, ``on_step`` or ``on_epoch_end``: the module then holds
         its current weights and :meth:`Trainer.state` resumes the run.
     seconds, cells_per_second
         Wall time and throughput of this call.
@@ -256,6 +260,10 @@ class Trainer:
         # graph captures its address).
         self._sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         self._progress = _Progress()
+        # non-finite loss -> TrainingDivergedError; mid-epoch only without a cross-rank reduction (ranks agree
+        # on the epoch's reduced loss, not on their own running sums)
+        self._watch = LossWatch(self._sums, self.config)
+        self._watch.enabled = reduce_epoch_loss is None
         self._best_state: dict[str, torch.Tensor] | None = None
         self._graph: _GraphedStep | None = _GraphedStep(self) if self.config.cuda_graphs else None
 
@@ -283,6 +291,11 @@ class Trainer:
             seconds=p.seconds,
             cells=p.cells,
         )
+
+    def check_finite(self) -> None:
+        """Raise :class:`~scalex_scale.errors.TrainingDivergedError` if the epoch's loss so far is not finite
+        (one host sync; taken before a mid-epoch checkpoint)."""
+        self._watch.now(self._progress.iteration, self._progress.epoch)
 
     def load_state(self, state: TrainerState) -> None:
         """Restore weights, optimizer, generator and counters from ``state``."""
@@ -375,6 +388,7 @@ class Trainer:
         start_state: TrainerState | None = None,
         on_epoch_end: Callable[[EpochRecord, Trainer], bool | None] | None = None,
         pause_at_iteration: int | None = None,
+        on_step: Callable[[Trainer], bool | None] | None = None,
     ) -> TrainResult:
         """Train until ``max_iterations`` steps or early stopping.
 
@@ -390,6 +404,15 @@ class Trainer:
             ``trainer.state()`` is a resume point at the next epoch). Returning True pauses training.
         pause_at_iteration
             Pause (resumably) before running step number ``pause_at_iteration``, e.g. mid-epoch.
+        on_step
+            Called after every step with this trainer (keep it cheap: a clock read or a flag); returning True
+            pauses training there, mid-epoch (``trainer.state()`` then resumes exactly at the next batch).
+
+        Raises
+        ------
+        TrainingDivergedError
+            The loss became non-finite (the message names the iteration and what to try); the module then holds
+            the diverged weights: do not save it.
 
         Returns
         -------
@@ -405,6 +428,7 @@ class Trainer:
         p = self._progress
         n_epochs = math.ceil(cfg.max_iterations / n_batches)
         self.module.train()
+        self._watch.reset(p.iteration)
 
         paused = False
         cells = 0
@@ -435,11 +459,16 @@ class Trainer:
                         p.iteration += 1
                         p.batch += 1
                         cells += batch.n_cells
+                        self._watch.after_step(p.iteration, p.epoch)
                         bar.update(1)
                         if cfg.progress and cfg.log_every and p.iteration % cfg.log_every == 0:
                             running = (self._sums[0] / p.batch).item()  # one sync per log interval
                             rate = cells / max(time.perf_counter() - start, 1e-9)
                             bar.set_postfix(loss=f"{running:.4g}", cells_s=f"{rate:,.0f}")
+                        # never at the last step: a resume must still close the final epoch as a straight run does
+                        if on_step is not None and p.iteration < cfg.max_iterations and on_step(self) is True:
+                            paused = True
+                            break
                 finally:
                     close = getattr(batches, "close", None)
                     if close is not None:
@@ -490,6 +519,7 @@ class Trainer:
         loss_sum, recon_sum, kl_sum, count = totals.tolist()  # the one sync per epoch
         record = None
         if count > 0:
+            self._watch.epoch_end(loss_sum, p.iteration, p.epoch)
             record = EpochRecord(
                 epoch=p.epoch,
                 loss=loss_sum / count,
@@ -498,9 +528,7 @@ class Trainer:
                 n_batches=int(round(count)),
             )
             p.history.append(record)
-            if not math.isfinite(record.loss):
-                p.stopped_early = True
-            elif record.loss < p.best_loss:
+            if record.loss < p.best_loss:
                 p.best_loss = record.loss
                 p.best_epoch = record.epoch
                 p.bad_epochs = 0

@@ -36,15 +36,25 @@ def load_model(model_dir: str | Path, device: str):
     return module, model_config, prep, PreprocessState.from_dict(prep), dev
 
 
-def check_genes(atlas: Atlas, model_config: dict[str, Any], model_dir: str | Path, *, projecting: bool = False) -> None:
-    """The atlas must have exactly the genes the model was trained on."""
+def check_genes(
+    atlas: Atlas, model_config: dict[str, Any], model_dir: str | Path, *, projecting: bool = False, query_store: bool = False
+) -> None:
+    """The atlas must have exactly the genes the model was trained on.
+
+    The message points to what the user has not tried: the model's own atlas, or for ``project`` a separate
+    ``--query-store`` (genes aligned to the model), or for ``embed`` a model trained on this atlas.
+    """
     names = model_config.get("var_names")
     if names is not None and list(map(str, atlas.var_names)) != names:
-        hint = (
-            "project into the atlas the model was trained on, or into a separate --query-store"
-            if projecting
-            else "use `scalex-scale project` to align new data to the model"
-        )
+        home = model_config.get("atlas")
+        theirs = f"the model's atlas ({home})" if home else "the atlas the model was trained on"
+        if query_store:
+            hint = "give --query-store a new path (it is then created with the model's genes) or the model's own atlas"
+        elif projecting:
+            hint = (f"project into {theirs}, or add --query-store NEW.zarr to write the query, aligned to the "
+                    "model's genes, to a separate atlas")  # fmt: skip
+        else:
+            hint = f"embed {theirs} with this model, or train one on this atlas: scalex-scale fit {atlas.path} NEW_MODEL_DIR"
         raise ScalexError(
             f"{atlas.path}: its {atlas.n_vars:,} genes differ from the {len(names):,} the model in {model_dir} was "
             f"trained on (the model belongs to another atlas); {hint}"

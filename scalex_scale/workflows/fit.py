@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConflictError
+from ..errors import ConflictError, ScalexError, TrainingInterrupted
 from ..preprocessing.state import PreprocessState
 from ..store import Atlas, transaction
 from ._model import preprocess_record
@@ -22,6 +22,8 @@ def fit(
     distributed: bool = False,
     sync_dsbn: bool = False,
     checkpoint_iterations: int = 5000,
+    checkpoint_minutes: float = 5.0,
+    overwrite: bool = False,
 ):
     """Train the SCALEX model on the atlas' training matrix and save it to ``model_dir``.
 
@@ -42,17 +44,32 @@ def fit(
         With ``distributed``: normalize each domain with statistics all-reduced across ranks.
     checkpoint_iterations
         Save a resumable trainer state at the end of the epoch after every this many iterations.
+    checkpoint_minutes
+        Also save one after every this many minutes of training (0: never; with ``distributed`` at an epoch's
+        end). On SIGINT/SIGTERM a one-process run saves one too and raises
+        :class:`~scalex_scale.errors.TrainingInterrupted`.
+    overwrite
+        Replace a model already in ``model_dir`` (without it, or ``resume``, that is refused).
 
     Returns
     -------
     TrainResult
+
+    Raises
+    ------
+    TrainingDivergedError
+        The loss became non-finite (the message names the iteration); the last good checkpoint is kept.
+    TrainingInterrupted
+        Stopped by a signal after saving a resumable checkpoint (the message says how to resume).
     """
     from ..nn import SCALEXModule
     from ..train import TrainConfig, check_resumable
     from ..train.run import RunOptions, run_training
 
     config = config or TrainConfig()
-    options = RunOptions(resume, distributed, sync_dsbn, checkpoint_iterations)
+    options = RunOptions(resume, distributed, sync_dsbn, checkpoint_iterations, checkpoint_minutes)
+    if not resume and not overwrite:
+        _refuse_existing(store, model_dir)
     atlas = Atlas.open(store)
     preprocess_record(atlas)
     with atlas.pinned_training_matrix() as (source, snapshot):  # a re-preprocess meanwhile cannot change it
@@ -74,8 +91,23 @@ def fit(
         def record(result: Any, world_size: int) -> None:
             _record_model(store, model_dir, result, prep.get("train_id"), world_size)
 
-        return run_training(source, model_dir, module, config, options, model_config=model_config,
-                            preprocess_state=prep, on_saved=record)  # fmt: skip
+        try:
+            return run_training(source, model_dir, module, config, options, model_config=model_config,
+                                preprocess_state=prep, on_saved=record)  # fmt: skip
+        except TrainingInterrupted as err:
+            raise TrainingInterrupted(f"{err}; resume with: scalex-scale fit {store} {model_dir} --resume", err.signum) from None
+
+
+def _refuse_existing(store: str | Path, model_dir: str | Path) -> None:
+    """``fit`` does not silently replace a model: it takes ``overwrite`` (or ``resume``)."""
+    from ..train.checkpoint import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE
+
+    path = Path(model_dir)
+    if path.is_dir() and any((path / f).exists() for f in (MODEL_FILE, CONFIG_FILE, MANIFEST_FILE)):
+        raise ScalexError(
+            f"{model_dir}: holds a model already; pass --overwrite to replace it, --resume to continue its training "
+            f"(scalex-scale fit {store} {model_dir} --resume), or choose another model directory"
+        )
 
 
 def _record_model(store: str | Path, model_dir: str | Path, result: Any, train_id: str | None, world_size: int) -> None:

@@ -21,7 +21,7 @@ def umap_coordinates(latent: np.ndarray, *, seed: int = 0) -> np.ndarray:
     """UMAP of the latent as in the paper: 30 neighbours, Euclidean, min_dist 0.1."""
     import umap
 
-    return umap.UMAP(n_neighbors=30, min_dist=0.1, metric="euclidean", random_state=seed).fit_transform(latent)
+    return umap.UMAP(n_neighbors=30, min_dist=0.1, metric="euclidean", random_state=seed, n_jobs=1).fit_transform(latent)
 
 
 def _scatter(ax, xy: np.ndarray, labels: np.ndarray, title: str, legend_title: str) -> None:

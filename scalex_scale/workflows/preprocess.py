@@ -117,7 +117,7 @@ def _preprocess(atlas: Atlas, config: PreprocessConfig, seed: int, compute: Comp
             "preprocess: %d of %d cells pass QC, %d features selected (%.1f s)",
             int(kept.sum()), atlas.n_obs, result.state.n_features, time.perf_counter() - t0,
         )
-        state = result.state
+        state = dataclasses.replace(result.state, qc_cells=_qc_cells(atlas, batches, kept, config))
         n_train = int(result.cell_mask.sum())
         record = {**state.to_dict(), "n_train": n_train, "permutation_seed": int(seed), "n_obs": atlas.n_obs}
         record["train_id"] = _write_training_matrix(atlas, runner, state, result.cell_mask, seed, compute.bucket_values, record)
@@ -131,6 +131,24 @@ def _preprocess(atlas: Atlas, config: PreprocessConfig, seed: int, compute: Comp
     atlas.update_state("preprocess", record)
     log.info("preprocess: wrote %d training rows in %.1f s", n_train, time.perf_counter() - t0)
     return state
+
+
+#: A batch losing more than this share of its cells at QC is warned about.
+QC_WARN_FRACTION = 0.5
+
+
+def _qc_cells(atlas: Atlas, batches: Any, kept: np.ndarray, config: PreprocessConfig) -> dict[str, tuple[int, int]]:
+    """``{batch: (cells, cells passing QC)}``; logs one warning line per batch that lost more than half."""
+    total = np.bincount(np.asarray(atlas.batch_codes), minlength=len(batches))
+    out = {str(b): (int(n), int(k)) for b, n, k in zip(batches, total, kept, strict=True)}
+    for b, (n, k) in out.items():
+        if n and (n - k) > QC_WARN_FRACTION * n:
+            log.warning(
+                "warning: preprocess: batch %r lost %s of its %s cells (%.0f%%) at QC (fewer than min_features=%s "
+                "features); lower --min-features to keep more", b, f"{n - k:,}", f"{n:,}", 100 * (n - k) / n,
+                config.min_features,
+            )  # fmt: skip
+    return out
 
 
 def _write_training_matrix(

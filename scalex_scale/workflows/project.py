@@ -34,7 +34,11 @@ class ProjectReport:
         lines = [f"projected {sum(self.batches.values()):,} cells into {self.store} ({self.n_embedded:,} pass QC)"]
         lines += [f"  batch {b}: {n:,} cells" for b, n in self.batches.items()]
         for name, n in self.genes_missing.items():
-            lines.append(f"  {name}: {n:,} model genes missing (filled with 0), {self.genes_dropped[name]:,} extra dropped")
+            dropped = self.genes_dropped.get(name, 0)
+            if n:
+                lines.append(f"  {name}: {n:,} model genes missing (filled with 0), {dropped:,} extra genes dropped")
+            elif dropped:
+                lines.append(f"  {name}: every model gene present; {dropped:,} extra genes dropped")
         return "\n".join(lines)
 
 
@@ -77,7 +81,7 @@ def project(
                 atlas.update_state("reference", {"atlas": str(Path(store).resolve()), "model": str(Path(model_dir).resolve())})
             else:
                 atlas = txn.atlas
-            check_genes(atlas, model_config, model_dir, projecting=True)
+            check_genes(atlas, model_config, model_dir, projecting=True, query_store=query_store is not None)
             existing = set(atlas.batch_categories)
             options = AppendOptions(batch_key, batch_names, allow_duplicates=allow_duplicates, record="projection")
             report = append(atlas, sources, options)
