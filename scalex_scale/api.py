@@ -17,6 +17,7 @@ import numpy as np
 
 from .preprocess.pipeline import preprocess
 from .preprocess.state import PreprocessState
+from .model_identity import latent_model, model_identity
 from .store import Atlas, IngestReport, ingest
 from .store.errors import PreprocessError, ScalexError
 
@@ -227,7 +228,15 @@ def embed(store: str | Path, model_dir: str | Path, *, device: str = "auto", key
     writer = atlas.new_obsm_writer(key, module.n_latent)
     n = embed_rows(atlas, module, state, maxabs, writer, device=dev, n_workers=_n_workers())
     atlas.publish_obsm(key)
+    _record_latent_model(atlas, key, model_identity(model_dir))
     return n
+
+
+def _record_latent_model(atlas: Atlas, key: str, identity: dict[str, str]) -> None:
+    """Remember which model wrote ``obsm[key]`` (checked by ``transfer --reference``)."""
+    from .model_identity import STATE_SECTION
+
+    atlas.update_state(STATE_SECTION, {**(atlas.state.get(STATE_SECTION) or {}), key: identity})
 
 
 # ---------------------------------------------------------------------------------------------- integrate
@@ -315,6 +324,13 @@ def project(
         target = Path(store)
     atlas = Atlas.open(target, mode="r+")
     _check_genes(atlas, model_config, model_dir)
+    identity = model_identity(model_dir)
+    before = latent_model(atlas.state)
+    if atlas.n_obs and before is not None and before.get("id", identity["id"]) != identity["id"]:
+        raise ScalexError(
+            f"{target}: its obsm['latent'] was written by the model in {before['directory']} (id {before['id']}), not by "
+            f"{model_dir} (id {identity['id']}); projecting would mix two latent spaces: use --query-store"
+        )
     existing = set(atlas.batch_categories)
     sources = [open_input(obj, i) for i, obj in enumerate(inputs)]
     n0 = atlas.n_obs
@@ -335,6 +351,7 @@ def project(
         atlas.publish_obsm("latent")
     latent = atlas.root["obsm"]["latent"]
     n = embed_rows(atlas, module, state, maxabs, latent, rows=(n0, atlas.n_obs), device=dev, n_workers=_n_workers())
+    _record_latent_model(atlas, "latent", identity)
     qc = np.isfinite(latent[n0 : atlas.n_obs, 0])
     old = atlas.obs["scalex_qc_pass"].to_numpy(dtype=bool, na_value=False)[:n0] if "scalex_qc_pass" in atlas.obs else np.zeros(n0, bool)
     atlas.write_obs_columns({"scalex_qc_pass": np.concatenate([old, qc])})

@@ -128,12 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     p = sub.add_parser("transfer", help="transfer labels from reference to query cells in the latent space")
-    p.add_argument("store")
+    p.add_argument("store", help="the atlas, or (with --reference) a query store written by project --query-store")
     p.add_argument("--label-key", required=True)
+    p.add_argument("--reference", default=None, help="a separate reference atlas (same model as the query store)")
     p.add_argument("--reference-batches", type=_csv, default=None)
     p.add_argument("--query-batches", type=_csv, default=None)
-    p.add_argument("--k", type=int, default=30)
-    p.add_argument("--threshold", type=float, default=0.5, help="confidence below which a cell is 'unassigned'")
+    p.add_argument("--method", choices=["scalex", "knn5"], default="scalex",
+                   help="scalex: weighted vote + 'unassigned' for novel cells; knn5: the reference package's rule")
+    p.add_argument("--k", type=int, default=30, help="neighbours of the vote (scalex)")
+    p.add_argument("--min-vote-fraction", type=float, default=0.0,
+                   help="also 'unassigned' when the winning label holds less of the vote (scalex; 0: off)")
+    p.add_argument("--no-novelty", action="store_true", help="no novelty call (scalex)")
+    p.add_argument("--out", default=None, help="write the summary (counts, confusion, unassigned rates) as JSON here")
 
     p = sub.add_parser("evaluate", help="integration metrics (and plots with --out)")
     p.add_argument("store")
@@ -197,8 +203,16 @@ def run(args: argparse.Namespace) -> int:
         report = api.project(args.store, args.model_dir, args.inputs, batch_key=args.batch_key, batch_names=args.batch_names, query_store=args.query_store, device=args.device)
         print(report.summary())
     elif cmd == "transfer":
-        summary = api.transfer(args.store, args.label_key, reference_batches=args.reference_batches, query_batches=args.query_batches, k=args.k, threshold=args.threshold)
+        from .transfer import TransferConfig
+
+        config = TransferConfig(k=args.k, min_vote_fraction=args.min_vote_fraction, novelty=not args.no_novelty)
+        summary = api.transfer(
+            args.store, args.label_key, reference=args.reference, reference_batches=args.reference_batches,
+            query_batches=args.query_batches, method=args.method, config=config,
+        )  # fmt: skip
         print(summary.summary())
+        if args.out:
+            print(f"  summary written to {summary.write_json(args.out)}")
     elif cmd == "evaluate":
         result = api.evaluate(args.store, label_key=args.label_key, out=args.out, umap=not args.no_umap, seed=args.seed)
         print(result.table())

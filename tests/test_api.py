@@ -12,6 +12,7 @@ from scalex_scale.cli import main
 from scalex_scale.datasets import SyntheticConfig, make_synthetic
 from scalex_scale.store import Atlas
 from scalex_scale.train import TrainConfig
+from scalex_scale.transfer import TransferConfig
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_transfer_and_evaluate(trained, tmp_path):
     shutil.copytree(out.atlas, atlas)
     api.project(atlas, out.model_dir, [query], batch_key="batch")
     qname = str(query.obs["batch"].iloc[0])
-    summary = api.transfer(atlas, "celltype", k=10)
+    summary = api.transfer(atlas, "celltype", config=TransferConfig(k=10))
     a = ad.read_zarr(atlas)
     is_q = (a.obs["batch"] == qname).to_numpy() & a.obs["scalex_qc_pass"].to_numpy(bool)
     assert summary.n_query == is_q.sum() and set(summary.metrics) >= {"ARI", "NMI", "f1_macro"}
