@@ -5,67 +5,125 @@ Two entry points:
 - :func:`knn_classifier_transfer`: parity with the SCALEX reference package
   (``scalex.label_transfer``: scikit-learn ``KNeighborsClassifier()`` with its defaults, k = 5,
   uniform votes, no rejection).
-- :func:`transfer_labels`: the scalex-scale method, a weighted kNN vote with a calibrated
-  confidence and an "unassigned" call, designed so that a cell type absent from the reference
-  is mostly left unassigned while shared types keep their accuracy.
+- :func:`transfer_labels`: the scalex-scale method, a weighted kNN vote plus an ``unassigned`` call for
+  query cells that no reference type explains (a type absent from the reference), calibrated so that a
+  query shifted as a whole relative to the reference (another protocol, donor, species, a stimulation) is
+  not called novel.
 
-Confidence = vote fraction x novelty factor
--------------------------------------------
-*Vote fraction*: the query cell's k nearest reference cells vote for their labels, each with
-weight ``1 / distance`` (default; a cell at distance 0 takes all the weight, as scikit-learn's
-``weights="distance"``), ``1`` (``"uniform"``), or ``exp(-d^2 / (2 sigma^2))`` with ``sigma`` the
-cell's median neighbour distance (``"gaussian"``: bounded weights, no singularity at d = 0).
-The fraction of the total weight held by the winning label measures *ambiguity between
-reference types*. It cannot detect a *novel* type: the nearest reference cells of an unknown
-cluster are often all of one (wrong) type, so the vote is unanimous.
-
-*Novelty factor*: each reference cell r has a typical neighbour distance ``s_r`` (mean distance
-to its k nearest other reference cells). A query cell q gets the ratio
-``rho_q = mean_j d(q, n_j) / mean_j s_{n_j}`` over its k reference neighbours n_j: ~1 when q lies
-inside the reference distribution at the local density, >> 1 when q sits away from every
-reference cell. The same ratio computed for the reference cells themselves (self excluded) is
-the null distribution: its ``novelty_quantile`` (default 0.99) quantile ``c`` is the cutoff and
-``w = ln c - median(ln rho_ref)`` its upper spread. The factor is 1 for ``rho <= c`` and halves
-every ``novelty_width * w`` (default ``0.5 w``) of ``ln rho`` beyond: ``f = 2^(-(ln rho - ln c) /
-(0.5 w))``. So the rejection point adapts to how spread the reference's own ratios are (wide in
-2-d UMAP, narrow in a 10-d latent, where distance ratios are compressed: a well separated
-unknown cluster in 10-d only reaches rho ~ 2). The ratio is scale-free and local (dense and
-sparse types are judged against their own density), and needs nothing but kNN distances.
-
-*Smoothing*: a single cell's ratio is noisy (edge cells of a reference type reach rho ~ 1.8, the
-null's 99th percentile), while a novel type is a whole group of query cells with moderately high
-ratios (~1.5). So ``ln rho`` is averaged over each query cell and its ``novelty_smoothing``
-(default ``k``) nearest QUERY cells, and the null likewise over each reference cell and its
-nearest reference cells: the same operation on both sides, which narrows the null (cutoff ~1.3)
-and keeps a novel group's level. Measured (bench/compare_transfer.py, synthetic type absent from
-the reference, 3 seeds): 82% unassigned with smoothing vs 20% without, at a cost of 1.3% vs 1.0%
-of the present-type query cells.
-
-A cell whose confidence is below ``threshold`` (default 0.5) is called ``unassigned``: either
-the reference types disagree around it, or it is far from all of them.
-
-Limitations: a novel type that overlaps a reference type in the embedding is indistinguishable
-from it by any neighbour-based rule; residual batch shifts between query and reference raise
-``rho`` for all query cells (tune ``novelty_quantile``/``threshold``, or disable with
-``novelty=False``).
+DESIGN_PLACEHOLDER
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numba
 import numpy as np
 import pandas as pd
 from numba import float32, int32, int64, prange, types
 
-from .metrics._utils import as_float_matrix, check_lengths, encode_labels, numba_threads
-from .metrics.knn import KNNMethod, knn, knn_query, knn_ref_and_query
+from .metrics._utils import as_float_matrix, as_generator, check_lengths, encode_labels, numba_threads
+from .metrics.knn import KNNMethod, knn, knn_query
 
-__all__ = ["TransferResult", "transfer_labels", "knn_classifier_transfer"]
+__all__ = ["TransferConfig", "TransferResult", "transfer_labels", "knn_classifier_transfer"]
 
-Weighting = Literal["distance", "uniform", "gaussian"]
+Weighting = str  # "distance" | "uniform" | "gaussian"
+_WEIGHTINGS = ("distance", "uniform", "gaussian")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Settings of :func:`transfer_labels` (defaults: the measured design of the module docstring).
+
+    Parameters
+    ----------
+    k
+        Reference neighbours of each query cell in the vote. ``None`` (default): chosen among ``k_choices`` by
+        cross-validation on the reference (see the module docstring).
+    k_choices
+        Candidate vote sizes for ``k=None`` (default: the reference package's 5, and 30).
+    weighting
+        Vote weights: ``"distance"`` (1/d, default; a neighbour at distance 0 takes all the weight, as
+        scikit-learn's ``weights="distance"``), ``"uniform"``, or ``"gaussian"`` (``exp(-d^2 / 2 sigma^2)``,
+        sigma = the cell's median neighbour distance).
+    min_vote_fraction
+        Ambiguity call: a cell whose winning label holds less than this share of the vote weight is
+        ``unassigned``. 0 (default) disables it (see the module docstring: on real data it only removed cells
+        the vote would mostly have labelled right).
+    unassigned
+        The label given to rejected cells.
+    novelty
+        Apply the novelty call (False: every cell gets its vote winner, unless ``min_vote_fraction``).
+    novelty_cutoff
+        A query cell is novel when its type margin is below this fraction of the reference level (see the
+        module docstring).
+    novelty_mixing
+        ... and when its share of reference cells among its pooled neighbours, relative to the share expected
+        if query and reference were mixed, is below this. ``None``: no mixing condition.
+    type_neighbours
+        Reference cells of each type whose mean distance defines a cell's distance to that type.
+    query_quantile
+        The query-relative level of a predicted type is this quantile of its query cells' margins.
+    novelty_neighbours
+        Query neighbours over which the margin and mixing are averaged (the cell itself included; reference
+        neighbours within a fold for the null), and the pooled neighbours of the mixing statistic. 0: per-cell
+        values.
+    max_folds
+        Folds of the cross-validation and of the null: reference batches grouped into at most this many folds
+        (random folds of cells when there is one batch).
+    return_probabilities
+        Also return the (n_query x n_labels) vote-fraction table.
+    method
+        kNN engine (``"auto"``, ``"exact"``, ``"nndescent"``; see :mod:`scalex_scale.metrics.knn`).
+    """
+
+    k: int | None = None
+    k_choices: tuple[int, ...] = (5, 30)
+    weighting: Weighting = "distance"
+    min_vote_fraction: float = 0.0
+    unassigned: str = "unassigned"
+    novelty: bool = True
+    novelty_cutoff: float = 0.5
+    novelty_mixing: float | None = 0.3
+    novelty_neighbours: int = 30
+    type_neighbours: int = 10
+    query_quantile: float = 0.75
+    max_folds: int = 5
+    return_probabilities: bool = False
+    method: KNNMethod = "auto"
+
+    def __post_init__(self) -> None:
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be >= 1 or None, got {self.k}")
+        if not self.k_choices or min(self.k_choices) < 1:
+            raise ValueError(f"k_choices must be positive neighbour counts, got {self.k_choices}")
+        if self.weighting not in _WEIGHTINGS:
+            raise ValueError(f"weighting must be 'distance', 'uniform' or 'gaussian', got {self.weighting!r}")
+        if not 0.0 <= self.min_vote_fraction <= 1.0:
+            raise ValueError(f"min_vote_fraction must be in [0, 1], got {self.min_vote_fraction}")
+        if self.novelty_cutoff <= 0:
+            raise ValueError(f"novelty_cutoff must be positive, got {self.novelty_cutoff}")
+        if self.novelty_mixing is not None and self.novelty_mixing <= 0:
+            raise ValueError(f"novelty_mixing must be positive or None, got {self.novelty_mixing}")
+        if self.type_neighbours < 1:
+            raise ValueError(f"type_neighbours must be >= 1, got {self.type_neighbours}")
+        if not 0.0 < self.query_quantile <= 1.0:
+            raise ValueError(f"query_quantile must be in (0, 1], got {self.query_quantile}")
+        if self.novelty_neighbours < 0:
+            raise ValueError(f"novelty_neighbours must be >= 0, got {self.novelty_neighbours}")
+        if self.max_folds < 2:
+            raise ValueError(f"max_folds must be >= 2, got {self.max_folds}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of every field."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TransferConfig:
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -77,18 +135,30 @@ class TransferResult:
     labels
         object array: the transferred label, or the ``unassigned`` value.
     confidence
-        float32 in [0, 1]: ``vote_fraction * novelty_factor``; ``labels`` is unassigned where it
-        is below the threshold.
+        float32 in [0, 1]: ``vote_fraction * novelty_factor`` with ``novelty_factor = min(1, margin_ratio / (2 *
+        novelty_cutoff))`` (0.5 at the cutoff; 1 without the novelty call): a ranking score.
     predicted
-        object array: the winning reference label before the threshold is applied.
+        object array: the winning reference label before any rejection.
     vote_fraction
         float32: the winning label's share of the neighbour weight.
     second_label, second_fraction
         The runner-up label (``None`` when all neighbours agree) and its share.
-    novelty_ratio
-        float32: ``rho`` (see the module docstring); NaN when ``novelty=False``.
-    novelty_cutoff
-        The reference's ``novelty_quantile`` of ``rho`` (NaN when ``novelty=False``).
+    novel
+        bool: the novelty call (all False when ``novelty=False``).
+    margin_ratio
+        float32: the cell's smoothed type margin divided by the level of its predicted type (small = novel);
+        NaN when ``novelty=False``.
+    mixing
+        float32: the smoothed share of reference cells among the cell's pooled neighbours, relative to a mixed
+        share (NaN when not computed).
+    levels
+        ``{label: {"level", "null", "query"}}``: the margin level each predicted type was compared with and its
+        two candidates (see the module docstring); empty when ``novelty=False``.
+    k
+        The vote's neighbour count (``config.k``, or the cross-validated choice).
+    cv_scores
+        ``{k: score}`` of the cross-validation (mean of ARI and macro-F1 on held-out reference folds); empty when
+        ``config.k`` was given.
     probabilities
         Optional DataFrame (query cells x reference labels) of vote fractions.
     """
@@ -99,8 +169,12 @@ class TransferResult:
     vote_fraction: np.ndarray
     second_label: np.ndarray
     second_fraction: np.ndarray
-    novelty_ratio: np.ndarray
-    novelty_cutoff: float
+    novel: np.ndarray
+    margin_ratio: np.ndarray
+    mixing: np.ndarray
+    levels: dict[str, dict[str, float]]
+    k: int
+    cv_scores: dict[int, float]
     probabilities: pd.DataFrame | None = None
 
 
@@ -141,7 +215,7 @@ def _top2_votes(idx: np.ndarray, w: np.ndarray, ref_codes: np.ndarray, n_labels:
     return best, best_f, second, second_f
 
 
-def _weights(dist: np.ndarray, weighting: Weighting) -> np.ndarray:
+def _weights(dist: np.ndarray, weighting: str) -> np.ndarray:
     """Neighbour weights (float32, same shape as ``dist``)."""
     if weighting == "uniform":
         return np.ones_like(dist, dtype=np.float32)
@@ -164,21 +238,13 @@ def transfer_labels(
     ref_X: np.ndarray,
     ref_labels: Any,
     query_X: np.ndarray,
+    config: TransferConfig | None = None,
     *,
-    k: int = 30,
-    weighting: Weighting = "distance",
-    threshold: float = 0.5,
-    unassigned: str = "unassigned",
-    novelty: bool = True,
-    novelty_quantile: float = 0.99,
-    novelty_width: float = 0.5,
-    novelty_smoothing: int | None = None,
-    return_probabilities: bool = False,
-    method: KNNMethod = "auto",
+    ref_batches: Any = None,
     rng: np.random.Generator | int | None = None,
     n_jobs: int | None = None,
 ) -> TransferResult:
-    """Transfer reference labels to query cells by a weighted kNN vote with rejection.
+    """Transfer reference labels to query cells by a weighted kNN vote with a shift-calibrated novelty call.
 
     Parameters
     ----------
@@ -188,90 +254,58 @@ def transfer_labels(
         (n_ref,) reference labels.
     query_X
         (n_query, d) query embedding, same space.
-    k
-        Reference neighbours per query cell (and for the reference's own novelty null).
-    weighting
-        ``"distance"`` (1/d, default), ``"uniform"`` or ``"gaussian"`` (see module docstring).
-    threshold
-        Cells with ``confidence < threshold`` get ``unassigned``; 0 disables rejection.
-    unassigned
-        The label given to rejected cells.
-    novelty
-        Apply the distance-based novelty factor (costs one kNN search of the reference on
-        itself). ``False``: confidence = vote fraction.
-    novelty_quantile
-        Quantile of the reference's own novelty ratios used as the cutoff ``c``.
-    novelty_width
-        Halving width of the novelty factor, as a fraction of the null's upper spread
-        ``w = ln c - median(ln rho_ref)``: the factor halves every ``novelty_width * w`` of
-        ``ln rho`` beyond ``ln c``. Smaller = stricter.
-    novelty_smoothing
-        Neighbours over which ``ln rho`` is averaged (geometric mean with the cell itself): query
-        cells over their nearest QUERY cells, the null over each reference cell's nearest
-        reference cells. ``None``: ``k``; 0: no smoothing (per-cell ratios).
-    return_probabilities
-        Also return the full (n_query x n_labels) vote-fraction table (memory n_query x n_labels).
-    method, rng, n_jobs
-        kNN engine, seed (NN-descent only) and threads.
+    config
+        A :class:`TransferConfig` (default: its defaults).
+    ref_batches
+        (n_ref,) batch of each reference cell: with two or more batches the novelty null is
+        leave-one-reference-batch-out (see the module docstring); ``None``: one batch.
+    rng, n_jobs
+        Seed (NN-descent only) and threads.
 
     Returns
     -------
     TransferResult
     """
+    cfg = config or TransferConfig()
     ref_X = as_float_matrix(ref_X, np.float32, "ref_X")
     query_X = as_float_matrix(query_X, np.float32, "query_X")
-    check_lengths(ref_X.shape[0], ref_labels=ref_labels)
+    check_lengths(ref_X.shape[0], ref_labels=ref_labels, ref_batches=ref_batches)
     if ref_X.shape[1] != query_X.shape[1]:
         raise ValueError(f"ref_X has {ref_X.shape[1]} dimensions but query_X has {query_X.shape[1]}")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    if not 0.0 < novelty_quantile <= 1.0:
-        raise ValueError(f"novelty_quantile must be in (0, 1], got {novelty_quantile}")
-    if novelty_width <= 0:
-        raise ValueError(f"novelty_width must be positive, got {novelty_width}")
-    smooth = k if novelty_smoothing is None else int(novelty_smoothing)
-    if smooth < 0:
-        raise ValueError(f"novelty_smoothing must be >= 0, got {novelty_smoothing}")
-    n_ref = ref_X.shape[0]
-    if not 1 <= k <= n_ref - (1 if novelty else 0):
-        raise ValueError(f"k must be in [1, n_ref{' - 1' if novelty else ''}], got {k}")
+    n_ref, n_query = ref_X.shape[0], query_X.shape[0]
+    if cfg.k is not None and cfg.k > n_ref:
+        raise ValueError(f"k must be in [1, n_ref] = [1, {n_ref}], got {cfg.k}")
     codes, cats = encode_labels(ref_labels)
+    gen = as_generator(rng)
+    folds = _folds(ref_batches, n_ref, cfg.max_folds, gen)
+    k, cv_scores = (cfg.k, {}) if cfg.k is not None else _choose_k(ref_X, codes, folds, cfg, gen, n_jobs)
 
-    if novelty:
-        (ref_idx, ref_d), (idx, dist) = knn_ref_and_query(ref_X, query_X, k, method=method, rng=rng, n_jobs=n_jobs)
-    else:
-        idx, dist = knn_query(ref_X, query_X, k, method=method, rng=rng, n_jobs=n_jobs)
-    w = _weights(dist, weighting)
+    idx, dist = knn_query(ref_X, query_X, k, method=cfg.method, rng=gen, n_jobs=n_jobs)
+    w = _weights(dist, cfg.weighting)
     with numba_threads(n_jobs):
         best, best_f, second, second_f = _top2_votes(idx, w, codes, int(cats.size))
+    predicted = cats[best].astype(object)
 
-    if novelty:
-        ref_scale = ref_d.mean(axis=1, dtype=np.float64)  # s_r, self excluded
-        del ref_d
-        null = _novelty_ratio_from_scale(ref_scale, ref_idx, ref_scale)
-        rho = _novelty_ratio(dist, idx, ref_scale)
-        ks = min(smooth, k, query_X.shape[0] - 1)
-        if ks > 0:
-            null = _smooth_log(null, ref_idx[:, :ks])
-            q_idx, _ = knn(query_X, ks, method=method, rng=rng, n_jobs=n_jobs)
-            rho = _smooth_log(rho, q_idx)
-        del ref_idx
-        factor, cutoff = _novelty_factor(rho, null, novelty_quantile, novelty_width)
+    if cfg.novelty and cats.size >= 2 and n_query >= 2:
+        batchwise = ref_batches is not None and np.unique(np.asarray(ref_batches).astype(str)).size >= 2
+        nov = _novelty(ref_X, codes, int(cats.size), query_X, best, folds, batchwise, cfg, gen, n_jobs)
+        novel, ratio, mixing = nov.novel, nov.ratio, nov.mixing
+        levels = {str(cats[c]): v for c, v in nov.levels.items()}
+        factor = np.minimum(1.0, ratio / (2.0 * cfg.novelty_cutoff))
     else:
-        rho = np.full(query_X.shape[0], np.nan)
-        cutoff = float("nan")
-        factor = np.ones(query_X.shape[0])
+        novel = np.zeros(n_query, dtype=bool)
+        ratio = mixing = np.full(n_query, np.nan)
+        levels, factor = {}, np.ones(n_query)
 
     confidence = (best_f.astype(np.float64) * factor).astype(np.float32)
-    predicted = cats[best].astype(object)
     labels = predicted.copy()
-    labels[confidence < threshold] = unassigned
+    labels[novel | (best_f < cfg.min_vote_fraction)] = cfg.unassigned
     second_label = np.where(second >= 0, cats[np.maximum(second, 0)].astype(object), None)
 
     probabilities = None
-    if return_probabilities:
-        table = np.zeros((query_X.shape[0], cats.size), dtype=np.float32)
-        rows = np.repeat(np.arange(query_X.shape[0]), k)
+    if cfg.return_probabilities:
+        table = np.zeros((n_query, cats.size), dtype=np.float32)
+        rows = np.repeat(np.arange(n_query), k)
         np.add.at(table, (rows, codes[idx.ravel()]), w.ravel())
         table /= np.maximum(table.sum(axis=1, keepdims=True), np.finfo(np.float32).tiny)
         probabilities = pd.DataFrame(table, columns=pd.Index(cats, name="label"))
@@ -283,33 +317,191 @@ def transfer_labels(
         vote_fraction=best_f,
         second_label=second_label,
         second_fraction=second_f,
-        novelty_ratio=rho.astype(np.float32),
-        novelty_cutoff=cutoff,
+        novel=novel,
+        margin_ratio=ratio.astype(np.float32),
+        mixing=mixing.astype(np.float32),
+        levels=levels,
+        k=int(k),
+        cv_scores=cv_scores,
         probabilities=probabilities,
     )
 
 
-def _smooth_log(rho: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
-    """Geometric mean of ``rho`` over each row itself and its ``neighbours`` (indices into ``rho``)."""
-    with np.errstate(divide="ignore"):
-        log_rho = np.log(np.maximum(rho, 0.0))
-    total = log_rho + log_rho[neighbours].sum(axis=1)
-    return np.exp(total / (1 + neighbours.shape[1]))
+# ----------------------------------------------------------------------------------------------- novelty
+@dataclass(frozen=True)
+class _Novelty:
+    novel: np.ndarray
+    ratio: np.ndarray
+    mixing: np.ndarray
+    levels: dict[int, dict[str, float]]
 
 
-def _novelty_ratio(dist: np.ndarray, idx: np.ndarray, ref_scale: np.ndarray) -> np.ndarray:
-    """``rho = mean neighbour distance / mean neighbour's own typical distance`` per row."""
-    return _novelty_ratio_from_scale(dist.mean(axis=1, dtype=np.float64), idx, ref_scale)
+def _smooth(values: np.ndarray, neighbours: np.ndarray | None) -> np.ndarray:
+    """Mean of ``values`` over each row itself and its ``neighbours`` (indices into ``values``)."""
+    if neighbours is None or neighbours.shape[1] == 0:
+        return values.astype(np.float64, copy=True)
+    return (values + values[neighbours].sum(axis=1)) / (1 + neighbours.shape[1])
 
 
-def _novelty_ratio_from_scale(num: np.ndarray, idx: np.ndarray, ref_scale: np.ndarray) -> np.ndarray:
-    """``num / mean_j ref_scale[idx[:, j]]`` with 0/0 -> 1 and x/0 -> inf."""
-    den = ref_scale[idx].mean(axis=1)
+def _neighbour_graph(X: np.ndarray, ks: int, cfg: TransferConfig, rng: Any, n_jobs: int | None) -> np.ndarray | None:
+    """Each row's ``ks`` nearest other rows (None when there are none to take)."""
+    ks = min(ks, X.shape[0] - 1)
+    if ks <= 0:
+        return None
+    return knn(X, ks, method=cfg.method, rng=rng, n_jobs=n_jobs)[0]
+
+
+def _type_margin(
+    ref_X: np.ndarray, codes: np.ndarray, n_types: int, X: np.ndarray, kt: int, self_codes: np.ndarray | None,
+    cfg: TransferConfig, rng: Any, n_jobs: int | None,
+) -> np.ndarray:
+    """``ln(d_2 / d_1)`` per row of ``X``: ``d_t`` = mean distance to the ``kt`` nearest reference cells of type t,
+    ``d_1 <= d_2`` the two nearest types (types absent from ``codes`` are skipped). ``self_codes``: ``X`` is
+    ``ref_X`` itself and row i's own cell is excluded from its type (``self_codes[i]`` = its type)."""
+    n = X.shape[0]
+    d1 = np.full(n, np.inf)
+    d2 = np.full(n, np.inf)
+    for t in range(n_types):
+        members = np.flatnonzero(codes == t)
+        if members.size == 0:
+            continue
+        own = None if self_codes is None else self_codes == t
+        kk = min(kt, members.size - (1 if own is not None and own.any() else 0))
+        if kk < 1:
+            continue
+        extra = 1 if own is not None and own.any() else 0
+        _, d = knn_query(ref_X[members], X, kk + extra, method=cfg.method, rng=rng, n_jobs=n_jobs)
+        if extra:
+            dt = np.where(own[:, None], d[:, 1:], d[:, :kk]).mean(axis=1, dtype=np.float64)
+        else:
+            dt = d.mean(axis=1, dtype=np.float64)
+        closer = dt < d1
+        d2 = np.where(closer, d1, np.minimum(d2, dt))
+        d1 = np.where(closer, dt, d1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        rho = num / den
-    rho[(den <= 0) & (num <= 0)] = 1.0
-    rho[(den <= 0) & (num > 0)] = np.inf
-    return rho
+        margin = np.log(d2 / d1)
+    margin[~np.isfinite(margin)] = np.inf  # one type only, or d_1 = 0: no evidence of novelty
+    return margin
+
+
+def _folds(ref_batches: Any, n: int, max_folds: int, gen: np.random.Generator) -> np.ndarray:
+    """Fold of each reference cell: whole batches grouped into at most ``max_folds`` folds of similar size
+    (largest batch first, into the smallest fold), or, with fewer than two batches, random folds of cells."""
+    if ref_batches is not None:
+        names, inverse, sizes = np.unique(np.asarray(ref_batches).astype(str), return_inverse=True, return_counts=True)
+        if names.size >= 2:
+            n_folds = min(max_folds, names.size)
+            load = np.zeros(n_folds)
+            fold_of = np.empty(names.size, dtype=np.int64)
+            for b in np.argsort(-sizes, kind="stable"):
+                fold_of[b] = int(np.argmin(load))
+                load[fold_of[b]] += sizes[b]
+            return fold_of[inverse]
+    return gen.permutation(np.arange(n) % max_folds)
+
+
+def _cv_predictions(ref_X: np.ndarray, codes: np.ndarray, folds: np.ndarray, ks: Sequence[int], cfg: TransferConfig,
+                    gen: np.random.Generator, n_jobs: int | None) -> dict[int, np.ndarray]:
+    """Held-out vote winners of every reference cell, one array per ``k`` (-1 where a fold could not be scored)."""
+    out = {k: np.full(ref_X.shape[0], -1, dtype=np.int32) for k in ks}
+    n_labels = int(codes.max()) + 1
+    for f in np.unique(folds):
+        held, rest = folds == f, folds != f
+        kmax = min(max(ks), int(rest.sum()))
+        if kmax < 1:
+            continue
+        idx, dist = knn_query(ref_X[rest], ref_X[held], kmax, method=cfg.method, rng=gen, n_jobs=n_jobs)
+        rest_codes = codes[rest]
+        for k in ks:
+            kk = min(k, kmax)
+            w = _weights(dist[:, :kk], cfg.weighting)
+            with numba_threads(n_jobs):
+                best = _top2_votes(np.ascontiguousarray(idx[:, :kk]), w, rest_codes, n_labels)[0]
+            out[k][held] = best
+    return out
+
+
+def _choose_k(ref_X: np.ndarray, codes: np.ndarray, folds: np.ndarray, cfg: TransferConfig, gen: np.random.Generator,
+              n_jobs: int | None) -> tuple[int, dict[int, float]]:
+    """The ``k_choices`` entry with the best held-out mean of ARI and macro-F1 (ties: the larger k)."""
+    from .metrics import ari, f1_scores
+
+    ks = sorted({min(k, ref_X.shape[0]) for k in cfg.k_choices})
+    if len(ks) == 1 or np.unique(folds).size < 2:
+        return ks[-1], {}
+    preds = _cv_predictions(ref_X, codes, folds, ks, cfg, gen, n_jobs)
+    scores = {}
+    for k, p in preds.items():
+        ok = p >= 0
+        scores[k] = 0.5 * (ari(codes[ok], p[ok]) + f1_scores(codes[ok], p[ok])["f1_macro"]) if ok.any() else -np.inf
+    top = max(scores.values())
+    return max(k for k, v in scores.items() if v >= top - 1e-12), {int(k): float(v) for k, v in scores.items()}
+
+
+def _null_margins(
+    ref_X: np.ndarray, codes: np.ndarray, n_types: int, folds: np.ndarray, batchwise: bool, cfg: TransferConfig,
+    gen: np.random.Generator, n_jobs: int | None,
+) -> np.ndarray:
+    """Smoothed margins of reference cells seen as a query: each fold of reference batches against the other
+    batches (cells whose type the others lack get NaN), or, with one batch (``batchwise`` False), each cell against
+    the rest of the reference (itself excluded)."""
+    ks = cfg.novelty_neighbours
+    if batchwise:
+        out = np.full(ref_X.shape[0], np.nan)
+        for f in np.unique(folds):
+            held, rest = folds == f, folds != f
+            if held.sum() < 2 or np.unique(codes[rest]).size < 2:
+                continue
+            m = _type_margin(ref_X[rest], codes[rest], n_types, ref_X[held], cfg.type_neighbours, None, cfg, gen, n_jobs)
+            m = _smooth(np.where(np.isfinite(m), m, np.nan), _neighbour_graph(ref_X[held], ks, cfg, gen, n_jobs))
+            m[~np.isin(codes[held], codes[rest])] = np.nan
+            out[held] = m
+        if np.isfinite(out).any():
+            return out
+    m = _type_margin(ref_X, codes, n_types, ref_X, cfg.type_neighbours, codes, cfg, gen, n_jobs)
+    return _smooth(np.where(np.isfinite(m), m, np.nan), _neighbour_graph(ref_X, ks, cfg, gen, n_jobs))
+
+
+def _mixing(ref_X: np.ndarray, query_X: np.ndarray, k: int, cfg: TransferConfig, rng: Any, n_jobs: int | None) -> np.ndarray:
+    """Per query cell: share of reference cells among its ``k`` nearest pooled (reference + query) cells, divided by
+    the share expected if the two were mixed, ``n_ref / (n_ref + n_query - 1)``."""
+    pooled = np.vstack([ref_X, query_X])
+    k = min(k, pooled.shape[0] - 1)
+    idx, _ = knn(pooled, k, method=cfg.method, rng=rng, n_jobs=n_jobs)
+    n_ref = ref_X.shape[0]
+    share = (idx[n_ref:] < n_ref).mean(axis=1)
+    return share / (n_ref / (pooled.shape[0] - 1))
+
+
+def _novelty(
+    ref_X: np.ndarray, codes: np.ndarray, n_types: int, query_X: np.ndarray, best: np.ndarray, folds: np.ndarray,
+    batchwise: bool, cfg: TransferConfig, gen: np.random.Generator, n_jobs: int | None,
+) -> _Novelty:
+    q_graph = _neighbour_graph(query_X, cfg.novelty_neighbours, cfg, gen, n_jobs)
+    margin = _type_margin(ref_X, codes, n_types, query_X, cfg.type_neighbours, None, cfg, gen, n_jobs)
+    margin = _smooth(np.where(np.isfinite(margin), margin, 1e6), q_graph)
+    null = _null_margins(ref_X, codes, n_types, folds, batchwise, cfg, gen, n_jobs)
+    finite = np.isfinite(null)
+    overall = float(np.median(null[finite])) if finite.any() else np.inf
+    null_level = np.full(n_types, overall)
+    for t in range(n_types):
+        own = finite & (codes == t)
+        if own.any():
+            null_level[t] = float(np.median(null[own]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(null_level[best] > 0, margin / null_level[best], np.inf)
+    # query-relative shift factor: most query cells are of known types, so the query's own upper quantile of
+    # the relative margin says how far a shift lowers margins of known cells
+    shift = float(min(1.0, np.quantile(rel, cfg.query_quantile))) if np.isfinite(rel).any() else 1.0
+    ratio = rel / shift if shift > 0 else np.full_like(rel, np.inf)
+    levels = {int(t): {"level": float(null_level[t] * shift), "null": float(null_level[t]), "shift": shift}
+              for t in np.unique(best)}
+    novel = ratio < cfg.novelty_cutoff
+    mixing = np.full(query_X.shape[0], np.nan)
+    if cfg.novelty_mixing is not None:
+        mixing = _smooth(_mixing(ref_X, query_X, cfg.novelty_neighbours, cfg, gen, n_jobs), q_graph)
+        novel &= mixing < cfg.novelty_mixing
+    return _Novelty(novel, ratio, mixing, levels)
 
 
 def knn_classifier_transfer(ref_X: np.ndarray, ref_labels: Any, query_X: np.ndarray, k: int = 5) -> np.ndarray:
@@ -333,18 +525,3 @@ def knn_classifier_transfer(ref_X: np.ndarray, ref_labels: Any, query_X: np.ndar
     return clf.predict(query_X)
 
 
-def _novelty_factor(rho: np.ndarray, null: np.ndarray, quantile: float, width: float) -> tuple[np.ndarray, float]:
-    """``f = 2 ** (-(ln rho - ln c) / (width * w))`` beyond the cutoff ``c``, 1 below it.
-
-    ``c`` is the ``quantile`` of the reference's own ratios ``null`` and
-    ``w = ln c - median(ln null)`` their upper spread (floored at 1e-3).
-    """
-    log_null = np.log(null[np.isfinite(null) & (null > 0)])
-    if log_null.size == 0:
-        return np.ones_like(rho), float("nan")
-    log_c = float(np.quantile(log_null, quantile))
-    spread = max(log_c - float(np.median(log_null)), 1e-3)
-    with np.errstate(divide="ignore"):
-        excess = np.log(np.maximum(rho, 0.0)) - log_c
-    factor = np.where(excess > 0, np.exp2(-excess / (width * spread)), 1.0)
-    return factor, float(np.exp(log_c))
