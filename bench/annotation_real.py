@@ -411,6 +411,7 @@ def score(work: Path, s: Split, seed: int, iterations: int, retransfer: bool) ->
         row["transfer"] = label_metrics(qlab, pred) if labelled else {"unassigned": float(np.mean(pred == "unassigned")),
                                                                        "n": int(len(pred))}
         row["transfer"]["counts"] = pd.Series(pred).value_counts().to_dict()
+        row["transfer"]["diagnostics"] = summary.diagnostics
         row.update(knn_rows(lat[ref_m], lab[ref_m], lat[q_m], qlab, "", labelled))
         if s.drop_type is not None:
             t = qlab == s.drop_type
@@ -421,7 +422,7 @@ def score(work: Path, s: Split, seed: int, iterations: int, retransfer: bool) ->
                            **absorption(lat[ref_m], lab[ref_m], lat[q_m], qlab, s.drop_type)}
         if not labelled:
             row["kang_reference_labels"] = pd.Series(lab[ref_m]).value_counts().to_dict()
-            row["transfer"]["unassigned_by_predicted"] = pd.Series(summary.counts).to_dict()
+            row["transfer"]["unassigned_by_predicted"] = summary.unassigned_by_predicted
         scored.write_text(json.dumps(row, indent=1, default=str))
     sd = work / "scvi" / f"{s.id}_s{seed}"
     if (sd / "done").exists() and "scvi_knn5" not in row:
@@ -558,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         "description": __doc__.split("\n\n")[2].strip(),
         "settings": {"iterations": a.iterations, "default_iterations": a.default_iterations, "seeds": seeds,
                      "loto_seeds": loto_seeds, "datasets": {k: asdict(v) for k, v in DATASETS.items()},
-                     "torch_threads_per_run": 1, "transfer": "api.transfer defaults (k 30, threshold 0.5)"},
+                     "torch_threads_per_run": 1, "transfer": "api.transfer defaults (TransferConfig())"},
         "splits": [asdict(s) for s in base],
         "harness_data_notes": {ds: json.loads(prepared(work, ds).uns["harness"]) for ds in sorted({s.dataset for s, _, _ in jobs})},
         "summary": summary, "per_run": rows,

@@ -33,7 +33,8 @@ class TransferSummary:
     ``counts``: query cells per transferred label (``unassigned`` included); ``unassigned_by_predicted``: per vote
     winner, the share of its cells called ``unassigned`` and how many they were; ``confusion`` (true label ->
     transferred label -> cells) and ``metrics`` (ARI, NMI, macro/weighted F1, accuracy, unassigned share) when the
-    query cells carry true labels in the same obs column.
+    query cells carry true labels in the same obs column. ``diagnostics`` (``scalex`` method): the vote's ``k`` and
+    its cross-validation scores, and per predicted type the margin level of the novelty call.
     """
 
     label_key: str
@@ -49,6 +50,7 @@ class TransferSummary:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     confusion: dict[str, dict[str, int]] | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +71,8 @@ class TransferSummary:
         for label, n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
             u = self.unassigned_by_predicted.get(label)
             lines.append(f"  {label:<24} {n:>10,}" + (f"   {100 * u['rate']:.1f}% of {int(u['n']):,}" if u else ""))
+        if self.diagnostics.get("k"):
+            lines.append(f"  vote: k = {self.diagnostics['k']}" + (" (cross-validated)" if self.diagnostics.get("cv_scores") else ""))
         if self.metrics:
             lines.append("  against the query's own labels: " + ", ".join(f"{k} {v:.3f}" for k, v in self.metrics.items()))
         return "\n".join(lines)
@@ -191,6 +195,7 @@ def transfer(
         pred, predicted, confidence = result.labels, result.predicted, result.confidence
         unassigned = cfg.unassigned
         cfg_dict = cfg.to_dict()
+        diagnostics = {"k": result.k, "cv_scores": result.cv_scores, "novelty_levels": result.levels}
     else:
         from sklearn.neighbors import KNeighborsClassifier
 
@@ -201,6 +206,7 @@ def transfer(
         confidence = clf.predict_proba(q_latent[query]).max(axis=1).astype(np.float32)
         unassigned = UNASSIGNED
         cfg_dict = {"k": 5, "weights": "uniform"}
+        diagnostics = {}
 
     out = np.full(target.n_obs, None, dtype=object)
     out[query] = pred
@@ -230,4 +236,5 @@ def transfer(
         label_key=label_key, method=method, store=str(target.path), reference=str(ref_atlas.path),
         reference_batches=ref_b, query_batches=query_b, n_reference=int(ref.sum()), n_query=int(query.sum()),
         counts=counts, unassigned_by_predicted=by_pred, config=cfg_dict, metrics=metrics, confusion=confusion,
+        diagnostics=diagnostics,
     )  # fmt: skip

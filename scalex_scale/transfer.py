@@ -63,8 +63,10 @@ class TransferConfig:
     novelty_mixing
         ... and when its share of reference cells among its pooled neighbours, relative to the share expected
         if query and reference were mixed, is below this. ``None``: no mixing condition.
-    type_neighbours
-        Reference cells of each type whose mean distance defines a cell's distance to that type.
+    prototypes
+        k-means centres summarising each reference type (the type margin measures distances to them).
+    prototype_neighbours
+        A cell's distance to a type is its mean distance to that many nearest prototypes of the type.
     query_quantile
         The query-relative level of a predicted type is this quantile of its query cells' margins.
     novelty_neighbours
@@ -74,6 +76,9 @@ class TransferConfig:
     max_folds
         Folds of the cross-validation and of the null: reference batches grouped into at most this many folds
         (random folds of cells when there is one batch).
+    max_null_cells
+        Held-out reference cells scored in the cross-validation and the null (a random sample beyond this):
+        bounds their cost on large atlases.
     return_probabilities
         Also return the (n_query x n_labels) vote-fraction table.
     method
@@ -89,9 +94,11 @@ class TransferConfig:
     novelty_cutoff: float = 0.5
     novelty_mixing: float | None = 0.3
     novelty_neighbours: int = 30
-    type_neighbours: int = 10
+    prototypes: int = 32
+    prototype_neighbours: int = 3
     query_quantile: float = 0.75
     max_folds: int = 5
+    max_null_cells: int = 20_000
     return_probabilities: bool = False
     method: KNNMethod = "auto"
 
@@ -108,14 +115,17 @@ class TransferConfig:
             raise ValueError(f"novelty_cutoff must be positive, got {self.novelty_cutoff}")
         if self.novelty_mixing is not None and self.novelty_mixing <= 0:
             raise ValueError(f"novelty_mixing must be positive or None, got {self.novelty_mixing}")
-        if self.type_neighbours < 1:
-            raise ValueError(f"type_neighbours must be >= 1, got {self.type_neighbours}")
+        if self.prototypes < 1 or not 1 <= self.prototype_neighbours <= self.prototypes:
+            raise ValueError(f"prototypes must be >= 1 and prototype_neighbours in [1, prototypes], got {self.prototypes}, "
+                             f"{self.prototype_neighbours}")
         if not 0.0 < self.query_quantile <= 1.0:
             raise ValueError(f"query_quantile must be in (0, 1], got {self.query_quantile}")
         if self.novelty_neighbours < 0:
             raise ValueError(f"novelty_neighbours must be >= 0, got {self.novelty_neighbours}")
         if self.max_folds < 2:
             raise ValueError(f"max_folds must be >= 2, got {self.max_folds}")
+        if self.max_null_cells < 2:
+            raise ValueError(f"max_null_cells must be >= 2, got {self.max_null_cells}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field."""
@@ -277,18 +287,20 @@ def transfer_labels(
         raise ValueError(f"k must be in [1, n_ref] = [1, {n_ref}], got {cfg.k}")
     codes, cats = encode_labels(ref_labels)
     gen = as_generator(rng)
-    folds = _folds(ref_batches, n_ref, cfg.max_folds, gen)
-    k, cv_scores = (cfg.k, {}) if cfg.k is not None else _choose_k(ref_X, codes, folds, cfg, gen, n_jobs)
+    folds, held_out = _folds(ref_batches, n_ref, cfg.max_folds, cfg.max_null_cells, gen)
+    k, cv_scores = (cfg.k, {}) if cfg.k is not None else _choose_k(ref_X, codes, folds, held_out, cfg, gen, n_jobs)
 
-    idx, dist = knn_query(ref_X, query_X, k, method=cfg.method, rng=gen, n_jobs=n_jobs)
+    use_novelty = cfg.novelty and cats.size >= 2 and n_query >= 2
+    k_search = min(n_ref, max(k, cfg.novelty_neighbours if use_novelty else 0))
+    idx_all, dist_all = knn_query(ref_X, query_X, k_search, method=cfg.method, rng=gen, n_jobs=n_jobs)
+    idx, dist = np.ascontiguousarray(idx_all[:, :k]), np.ascontiguousarray(dist_all[:, :k])
     w = _weights(dist, cfg.weighting)
     with numba_threads(n_jobs):
         best, best_f, second, second_f = _top2_votes(idx, w, codes, int(cats.size))
     predicted = cats[best].astype(object)
 
-    if cfg.novelty and cats.size >= 2 and n_query >= 2:
-        batchwise = ref_batches is not None and np.unique(np.asarray(ref_batches).astype(str)).size >= 2
-        nov = _novelty(ref_X, codes, int(cats.size), query_X, best, folds, batchwise, cfg, gen, n_jobs)
+    if use_novelty:
+        nov = _novelty(ref_X, codes, int(cats.size), query_X, best, dist_all, (folds, held_out), cfg, gen, n_jobs)
         novel, ratio, mixing = nov.novel, nov.ratio, nov.mixing
         levels = {str(cats[c]): v for c, v in nov.levels.items()}
         factor = np.minimum(1.0, ratio / (2.0 * cfg.novelty_cutoff))
@@ -351,42 +363,65 @@ def _neighbour_graph(X: np.ndarray, ks: int, cfg: TransferConfig, rng: Any, n_jo
     return knn(X, ks, method=cfg.method, rng=rng, n_jobs=n_jobs)[0]
 
 
-def _type_margin(
-    ref_X: np.ndarray, codes: np.ndarray, n_types: int, X: np.ndarray, kt: int, self_codes: np.ndarray | None,
-    cfg: TransferConfig, rng: Any, n_jobs: int | None,
+def _prototypes(
+    ref_X: np.ndarray, codes: np.ndarray, n_types: int, n_protos: int, gen: np.random.Generator
 ) -> np.ndarray:
-    """``ln(d_2 / d_1)`` per row of ``X``: ``d_t`` = mean distance to the ``kt`` nearest reference cells of type t,
-    ``d_1 <= d_2`` the two nearest types (types absent from ``codes`` are skipped). ``self_codes``: ``X`` is
-    ``ref_X`` itself and row i's own cell is excluded from its type (``self_codes[i]`` = its type)."""
-    n = X.shape[0]
-    d1 = np.full(n, np.inf)
-    d2 = np.full(n, np.inf)
+    """(n_types, n_protos, d) k-means centres of each type's reference cells (all its cells when it has at most
+    ``n_protos``; k-means on at most 20,000 sampled cells otherwise), padded with NaN; types absent: all NaN."""
+    from sklearn.cluster import KMeans
+
+    out = np.full((n_types, n_protos, ref_X.shape[1]), np.nan, dtype=np.float32)
     for t in range(n_types):
-        members = np.flatnonzero(codes == t)
-        if members.size == 0:
+        cells = ref_X[codes == t]
+        if cells.shape[0] <= n_protos:
+            out[t, : cells.shape[0]] = cells
             continue
-        own = None if self_codes is None else self_codes == t
-        kk = min(kt, members.size - (1 if own is not None and own.any() else 0))
-        if kk < 1:
-            continue
-        extra = 1 if own is not None and own.any() else 0
-        _, d = knn_query(ref_X[members], X, kk + extra, method=cfg.method, rng=rng, n_jobs=n_jobs)
-        if extra:
-            dt = np.where(own[:, None], d[:, 1:], d[:, :kk]).mean(axis=1, dtype=np.float64)
-        else:
-            dt = d.mean(axis=1, dtype=np.float64)
-        closer = dt < d1
-        d2 = np.where(closer, d1, np.minimum(d2, dt))
-        d1 = np.where(closer, dt, d1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        margin = np.log(d2 / d1)
-    margin[~np.isfinite(margin)] = np.inf  # one type only, or d_1 = 0: no evidence of novelty
+        if cells.shape[0] > 20_000:
+            cells = cells[gen.choice(cells.shape[0], 20_000, replace=False)]
+        km = KMeans(n_clusters=n_protos, n_init=1, random_state=int(gen.integers(2**31 - 1))).fit(cells)
+        out[t] = km.cluster_centers_
+    return out
+
+
+def _type_margin(X: np.ndarray, protos: np.ndarray, kp: int) -> np.ndarray:
+    """``ln(d_2 / d_1)`` per row of ``X``: ``d_t`` = mean distance to the ``kp`` nearest prototypes of type t,
+    ``d_1 <= d_2`` the two nearest types (absent types are skipped); +inf with fewer than two types or d_1 = 0."""
+    n_types, n_protos, dim = protos.shape
+    flat = protos.reshape(-1, dim).astype(np.float64)
+    valid = np.isfinite(flat).all(axis=1)
+    flat[~valid] = 0.0
+    sq = (flat**2).sum(axis=1)
+    margin = np.empty(X.shape[0])
+    for start in range(0, X.shape[0], 4096):
+        x = X[start : start + 4096].astype(np.float64)
+        d2 = np.maximum((x**2).sum(axis=1)[:, None] - 2.0 * x @ flat.T + sq[None, :], 0.0)
+        d = np.sqrt(d2)
+        d[:, ~valid] = np.inf
+        d = d.reshape(x.shape[0], n_types, n_protos)
+        k = min(kp, n_protos)
+        near = np.partition(d, k - 1, axis=2)[:, :, :k] if k < n_protos else d
+        finite = np.isfinite(near)
+        count = finite.sum(axis=2)  # fewer than kp for types with fewer prototypes; 0 for absent types
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dt = np.where(finite, near, 0.0).sum(axis=2) / count
+        dt[count == 0] = np.inf
+        two = np.partition(dt, 1, axis=1)[:, :2] if n_types > 1 else np.full((x.shape[0], 2), np.inf)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            margin[start : start + x.shape[0]] = np.log(two[:, 1] / two[:, 0])
+    margin[~np.isfinite(margin)] = np.inf
     return margin
 
 
-def _folds(ref_batches: Any, n: int, max_folds: int, gen: np.random.Generator) -> np.ndarray:
-    """Fold of each reference cell: whole batches grouped into at most ``max_folds`` folds of similar size
-    (largest batch first, into the smallest fold), or, with fewer than two batches, random folds of cells."""
+def _folds(
+    ref_batches: Any, n: int, max_folds: int, max_held: int, gen: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold of each reference cell, and which cells are scored when their fold is held out.
+
+    Folds: whole batches grouped into at most ``max_folds`` folds of similar size (largest batch first, into the
+    smallest fold), or, with fewer than two batches, random folds of cells. Held-out scoring uses a random
+    ``max_held`` cells in all (each fold in proportion), which bounds the cost on large atlases.
+    """
+    folds = None
     if ref_batches is not None:
         names, inverse, sizes = np.unique(np.asarray(ref_batches).astype(str), return_inverse=True, return_counts=True)
         if names.size >= 2:
@@ -396,17 +431,25 @@ def _folds(ref_batches: Any, n: int, max_folds: int, gen: np.random.Generator) -
             for b in np.argsort(-sizes, kind="stable"):
                 fold_of[b] = int(np.argmin(load))
                 load[fold_of[b]] += sizes[b]
-            return fold_of[inverse]
-    return gen.permutation(np.arange(n) % max_folds)
+            folds = fold_of[inverse]
+    if folds is None:
+        folds = gen.permutation(np.arange(n) % max_folds)
+    held = np.ones(n, dtype=bool)
+    if n > max_held:
+        held[:] = False
+        held[gen.choice(n, size=max_held, replace=False)] = True
+    return folds, held
 
 
-def _cv_predictions(ref_X: np.ndarray, codes: np.ndarray, folds: np.ndarray, ks: Sequence[int], cfg: TransferConfig,
-                    gen: np.random.Generator, n_jobs: int | None) -> dict[int, np.ndarray]:
-    """Held-out vote winners of every reference cell, one array per ``k`` (-1 where a fold could not be scored)."""
+def _cv_predictions(ref_X: np.ndarray, codes: np.ndarray, folds: np.ndarray, held_out: np.ndarray, ks: Sequence[int],
+                    cfg: TransferConfig, gen: np.random.Generator, n_jobs: int | None) -> dict[int, np.ndarray]:
+    """Held-out vote winners of the ``held_out`` reference cells, one array per ``k`` (-1: not scored)."""
     out = {k: np.full(ref_X.shape[0], -1, dtype=np.int32) for k in ks}
     n_labels = int(codes.max()) + 1
     for f in np.unique(folds):
-        held, rest = folds == f, folds != f
+        held, rest = (folds == f) & held_out, folds != f
+        if not held.any():
+            continue
         kmax = min(max(ks), int(rest.sum()))
         if kmax < 1:
             continue
@@ -421,15 +464,15 @@ def _cv_predictions(ref_X: np.ndarray, codes: np.ndarray, folds: np.ndarray, ks:
     return out
 
 
-def _choose_k(ref_X: np.ndarray, codes: np.ndarray, folds: np.ndarray, cfg: TransferConfig, gen: np.random.Generator,
-              n_jobs: int | None) -> tuple[int, dict[int, float]]:
+def _choose_k(ref_X: np.ndarray, codes: np.ndarray, folds: np.ndarray, held_out: np.ndarray, cfg: TransferConfig,
+              gen: np.random.Generator, n_jobs: int | None) -> tuple[int, dict[int, float]]:
     """The ``k_choices`` entry with the best held-out mean of ARI and macro-F1 (ties: the larger k)."""
     from .metrics import ari, f1_scores
 
     ks = sorted({min(k, ref_X.shape[0]) for k in cfg.k_choices})
     if len(ks) == 1 or np.unique(folds).size < 2:
         return ks[-1], {}
-    preds = _cv_predictions(ref_X, codes, folds, ks, cfg, gen, n_jobs)
+    preds = _cv_predictions(ref_X, codes, folds, held_out, ks, cfg, gen, n_jobs)
     scores = {}
     for k, p in preds.items():
         ok = p >= 0
@@ -439,48 +482,48 @@ def _choose_k(ref_X: np.ndarray, codes: np.ndarray, folds: np.ndarray, cfg: Tran
 
 
 def _null_margins(
-    ref_X: np.ndarray, codes: np.ndarray, n_types: int, folds: np.ndarray, batchwise: bool, cfg: TransferConfig,
+    ref_X: np.ndarray, codes: np.ndarray, n_types: int, split: tuple[np.ndarray, np.ndarray], cfg: TransferConfig,
     gen: np.random.Generator, n_jobs: int | None,
 ) -> np.ndarray:
-    """Smoothed margins of reference cells seen as a query: each fold of reference batches against the other
-    batches (cells whose type the others lack get NaN), or, with one batch (``batchwise`` False), each cell against
-    the rest of the reference (itself excluded)."""
-    ks = cfg.novelty_neighbours
-    if batchwise:
-        out = np.full(ref_X.shape[0], np.nan)
-        for f in np.unique(folds):
-            held, rest = folds == f, folds != f
-            if held.sum() < 2 or np.unique(codes[rest]).size < 2:
-                continue
-            m = _type_margin(ref_X[rest], codes[rest], n_types, ref_X[held], cfg.type_neighbours, None, cfg, gen, n_jobs)
-            m = _smooth(np.where(np.isfinite(m), m, np.nan), _neighbour_graph(ref_X[held], ks, cfg, gen, n_jobs))
-            m[~np.isin(codes[held], codes[rest])] = np.nan
-            out[held] = m
-        if np.isfinite(out).any():
-            return out
-    m = _type_margin(ref_X, codes, n_types, ref_X, cfg.type_neighbours, codes, cfg, gen, n_jobs)
-    return _smooth(np.where(np.isfinite(m), m, np.nan), _neighbour_graph(ref_X, ks, cfg, gen, n_jobs))
+    """Smoothed margins of held-out reference cells seen as a query: each fold (of reference batches, or of random
+    cells with one batch) against the prototypes of the other folds; NaN for cells not scored and for cells whose
+    type the other folds lack."""
+    folds, held_out = split
+    out = np.full(ref_X.shape[0], np.nan)
+    for f in np.unique(folds):
+        held, rest = (folds == f) & held_out, folds != f
+        if held.sum() < 2 or np.unique(codes[rest]).size < 2:
+            continue
+        protos = _prototypes(ref_X[rest], codes[rest], n_types, cfg.prototypes, gen)
+        m = _type_margin(ref_X[held], protos, cfg.prototype_neighbours)
+        m = _smooth(np.where(np.isfinite(m), m, np.nan), _neighbour_graph(ref_X[held], cfg.novelty_neighbours, cfg, gen, n_jobs))
+        m[~np.isin(codes[held], codes[rest])] = np.nan
+        out[held] = m
+    return out
 
 
-def _mixing(ref_X: np.ndarray, query_X: np.ndarray, k: int, cfg: TransferConfig, rng: Any, n_jobs: int | None) -> np.ndarray:
-    """Per query cell: share of reference cells among its ``k`` nearest pooled (reference + query) cells, divided by
-    the share expected if the two were mixed, ``n_ref / (n_ref + n_query - 1)``."""
-    pooled = np.vstack([ref_X, query_X])
-    k = min(k, pooled.shape[0] - 1)
-    idx, _ = knn(pooled, k, method=cfg.method, rng=rng, n_jobs=n_jobs)
-    n_ref = ref_X.shape[0]
-    share = (idx[n_ref:] < n_ref).mean(axis=1)
-    return share / (n_ref / (pooled.shape[0] - 1))
+def _mixing(ref_dist: np.ndarray, query_dist: np.ndarray | None, n_ref: int, n_query: int) -> np.ndarray:
+    """Per query cell: share of reference cells among its nearest pooled (reference + query) cells, divided by the
+    share expected if the two were mixed, ``n_ref / (n_ref + n_query - 1)``. The pooled neighbours are the
+    ``m`` smallest of the cell's sorted reference distances and query distances (itself excluded), ``m`` = the
+    shorter list: no search of its own."""
+    if query_dist is None:
+        return np.full(ref_dist.shape[0], np.inf)
+    m = min(ref_dist.shape[1], query_dist.shape[1])
+    merged = np.concatenate([ref_dist[:, :m], query_dist[:, :m]], axis=1)
+    from_ref = np.argsort(merged, axis=1, kind="stable")[:, :m] < m  # ties go to the reference
+    return from_ref.mean(axis=1) / (n_ref / (n_ref + n_query - 1))
 
 
 def _novelty(
-    ref_X: np.ndarray, codes: np.ndarray, n_types: int, query_X: np.ndarray, best: np.ndarray, folds: np.ndarray,
-    batchwise: bool, cfg: TransferConfig, gen: np.random.Generator, n_jobs: int | None,
+    ref_X: np.ndarray, codes: np.ndarray, n_types: int, query_X: np.ndarray, best: np.ndarray, ref_dist: np.ndarray,
+    split: tuple[np.ndarray, np.ndarray], cfg: TransferConfig, gen: np.random.Generator, n_jobs: int | None,
 ) -> _Novelty:
-    q_graph = _neighbour_graph(query_X, cfg.novelty_neighbours, cfg, gen, n_jobs)
-    margin = _type_margin(ref_X, codes, n_types, query_X, cfg.type_neighbours, None, cfg, gen, n_jobs)
+    ks = min(cfg.novelty_neighbours, query_X.shape[0] - 1)
+    q_graph, q_dist = knn(query_X, ks, method=cfg.method, rng=gen, n_jobs=n_jobs) if ks > 0 else (None, None)
+    margin = _type_margin(query_X, _prototypes(ref_X, codes, n_types, cfg.prototypes, gen), cfg.prototype_neighbours)
     margin = _smooth(np.where(np.isfinite(margin), margin, 1e6), q_graph)
-    null = _null_margins(ref_X, codes, n_types, folds, batchwise, cfg, gen, n_jobs)
+    null = _null_margins(ref_X, codes, n_types, split, cfg, gen, n_jobs)
     finite = np.isfinite(null)
     overall = float(np.median(null[finite])) if finite.any() else np.inf
     null_level = np.full(n_types, overall)
@@ -499,7 +542,7 @@ def _novelty(
     novel = ratio < cfg.novelty_cutoff
     mixing = np.full(query_X.shape[0], np.nan)
     if cfg.novelty_mixing is not None:
-        mixing = _smooth(_mixing(ref_X, query_X, cfg.novelty_neighbours, cfg, gen, n_jobs), q_graph)
+        mixing = _smooth(_mixing(ref_dist, q_dist, ref_X.shape[0], query_X.shape[0]), q_graph)
         novel &= mixing < cfg.novelty_mixing
     return _Novelty(novel, ratio, mixing, levels)
 

@@ -166,7 +166,7 @@ def test_min_vote_fraction_and_unassigned_name(data):
 @pytest.mark.parametrize(
     "bad",
     [{"min_vote_fraction": 1.5}, {"k": 0}, {"k_choices": ()}, {"weighting": "cosine"}, {"novelty_cutoff": 0},
-     {"novelty_mixing": -1.0}, {"query_quantile": 0.0}, {"max_folds": 1}, {"type_neighbours": 0}],
+     {"novelty_mixing": -1.0}, {"query_quantile": 0.0}, {"max_folds": 1}, {"prototypes": 0}, {"prototype_neighbours": 40}],
 )  # fmt: skip
 def test_config_validation(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
