@@ -251,7 +251,7 @@ def transfer_labels(
     config: TransferConfig | None = None,
     *,
     ref_batches: Any = None,
-    rng: np.random.Generator | int | None = None,
+    rng: np.random.Generator | int | None = 0,
     n_jobs: int | None = None,
 ) -> TransferResult:
     """Transfer reference labels to query cells by a weighted kNN vote with a shift-calibrated novelty call.
@@ -269,8 +269,11 @@ def transfer_labels(
     ref_batches
         (n_ref,) batch of each reference cell: with two or more batches the novelty null is
         leave-one-reference-batch-out (see the module docstring); ``None``: one batch.
-    rng, n_jobs
-        Seed (NN-descent only) and threads.
+    rng
+        Generator or seed of the random parts (folds and held-out sample, k-means prototypes, NN-descent): a fixed
+        seed by default, so a call is reproducible.
+    n_jobs
+        Threads.
 
     Returns
     -------

