@@ -68,7 +68,12 @@ class TransferConfig:
     prototype_neighbours
         A cell's distance to a type is its mean distance to that many nearest prototypes of the type.
     query_quantile
-        The query-relative level of a predicted type is this quantile of its query cells' margins.
+        The query-relative shift factor is this quantile of the query cells' relative margins (of the whole query,
+        or of an anchored predicted type).
+    anchor_share
+        A predicted type at least this share of whose query cells are mixed with the reference (mixing >=
+        ``novelty_mixing``) gets its own shift factor (a type-specific shift, e.g. a stimulated cell type);
+        ``None``: one factor for the whole query.
     novelty_neighbours
         Query neighbours over which the margin and mixing are averaged (the cell itself included; reference
         neighbours within a fold for the null), and the pooled neighbours of the mixing statistic. 0: per-cell
@@ -97,6 +102,7 @@ class TransferConfig:
     prototypes: int = 32
     prototype_neighbours: int = 3
     query_quantile: float = 0.75
+    anchor_share: float | None = 0.25
     max_folds: int = 5
     max_null_cells: int = 20_000
     return_probabilities: bool = False
@@ -118,6 +124,8 @@ class TransferConfig:
         if self.prototypes < 1 or not 1 <= self.prototype_neighbours <= self.prototypes:
             raise ValueError(f"prototypes must be >= 1 and prototype_neighbours in [1, prototypes], got {self.prototypes}, "
                              f"{self.prototype_neighbours}")
+        if self.anchor_share is not None and not 0.0 < self.anchor_share <= 1.0:
+            raise ValueError(f"anchor_share must be in (0, 1] or None, got {self.anchor_share}")
         if not 0.0 < self.query_quantile <= 1.0:
             raise ValueError(f"query_quantile must be in (0, 1], got {self.query_quantile}")
         if self.novelty_neighbours < 0:
@@ -536,16 +544,28 @@ def _novelty(
             null_level[t] = float(np.median(null[own]))
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(null_level[best] > 0, margin / null_level[best], np.inf)
-    # query-relative shift factor: most query cells are of known types, so the query's own upper quantile of
-    # the relative margin says how far a shift lowers margins of known cells
-    shift = float(min(1.0, np.quantile(rel, cfg.query_quantile))) if np.isfinite(rel).any() else 1.0
-    ratio = rel / shift if shift > 0 else np.full_like(rel, np.inf)
-    levels = {int(t): {"level": float(null_level[t] * shift), "null": float(null_level[t]), "shift": shift}
-              for t in np.unique(best)}
-    novel = ratio < cfg.novelty_cutoff
     mixing = np.full(query_X.shape[0], np.nan)
     if cfg.novelty_mixing is not None:
         mixing = _smooth(_mixing(ref_dist, q_dist, ref_X.shape[0], query_X.shape[0]), q_graph)
+    # query-relative shift factor: most query cells are of known types, so the query's own upper quantile of
+    # the relative margin says how far a shift lowers margins of known cells
+    shift = float(min(1.0, np.quantile(rel, cfg.query_quantile))) if np.isfinite(rel).any() else 1.0
+    type_shift = np.full(n_types, shift)
+    anchored = {}
+    if cfg.anchor_share is not None and cfg.novelty_mixing is not None:
+        for t in np.unique(best):
+            group = best == t
+            share = float(np.mean(mixing[group] >= cfg.novelty_mixing))
+            anchored[int(t)] = share
+            if share >= cfg.anchor_share and group.sum() >= 10:
+                type_shift[t] = min(shift, float(np.quantile(rel[group], cfg.query_quantile)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(type_shift[best] > 0, rel / type_shift[best], np.inf)
+    levels = {int(t): {"level": float(null_level[t] * type_shift[t]), "null": float(null_level[t]), "shift": float(type_shift[t]),
+                       **({"mixed_share": anchored[int(t)]} if int(t) in anchored else {})}
+              for t in np.unique(best)}
+    novel = ratio < cfg.novelty_cutoff
+    if cfg.novelty_mixing is not None:
         novel &= mixing < cfg.novelty_mixing
     return _Novelty(novel, ratio, mixing, levels)
 

@@ -81,6 +81,21 @@ def test_novel_type_in_a_shifted_query_is_still_unassigned():
     assert np.mean(res.labels[~novel] == "unassigned") <= 0.02
 
 
+def test_type_specific_shift_is_not_unassigned():
+    """One known type moved 30% of the way towards another (as a stimulation moves one cell type): its margin
+    drops, but a quarter or more of its cells still mix with the reference, so it gets its own shift factor and
+    stays assigned; with one factor for the whole query 41% of it came out unassigned."""
+    ref, ref_lab, ref_b, query, query_lab = make_ref_query(query_shift=0.1, n_query_types=6, seed=5)
+    moved = query_lab == "t0"
+    query = query.copy()
+    query[moved] += (0.3 * 8.0 * (np.eye(10)[1] - np.eye(10)[0])).astype(np.float32)
+    res = transfer_labels(ref, ref_lab, query, ref_batches=ref_b)
+    assert np.mean(res.labels[moved] == "unassigned") <= 0.05 and res.levels["t0"]["shift"] < 0.9
+    assert np.mean(res.labels == query_lab) >= 0.97
+    one_factor = transfer_labels(ref, ref_lab, query, TransferConfig(anchor_share=None), ref_batches=ref_b)
+    assert np.mean(one_factor.labels[moved] == "unassigned") > 0.3
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_novel_group_between_two_reference_types_is_unassigned(seed):
     """A novel type halfway between two reference types: unanimous nearest neighbours, but no type is clearly the
@@ -165,7 +180,7 @@ def test_min_vote_fraction_and_unassigned_name(data):
 @pytest.mark.parametrize(
     "bad",
     [{"min_vote_fraction": 1.5}, {"k": 0}, {"k_choices": ()}, {"weighting": "cosine"}, {"novelty_cutoff": 0},
-     {"novelty_mixing": -1.0}, {"query_quantile": 0.0}, {"max_folds": 1}, {"prototypes": 0}, {"prototype_neighbours": 40}],
+     {"novelty_mixing": -1.0}, {"query_quantile": 0.0}, {"anchor_share": 0.0}, {"max_folds": 1}, {"prototypes": 0}, {"prototype_neighbours": 40}],
 )  # fmt: skip
 def test_config_validation(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
