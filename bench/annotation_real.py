@@ -112,6 +112,7 @@ class Split:
     tuning: bool = False
     drop_type: str | None = None  # leave-one-type-out: removed from the reference batches
     group: str = "main"
+    patience: int | None = None  # early-stopping patience; None: TrainConfig's default (the method's 10)
 
 
 def _batches(ds: str) -> list[str]:
@@ -143,6 +144,7 @@ def base_splits() -> list[Split]:
 LOTO_BASES = ["pbmc_q3pv2", "pbmc_q3pv3", "pbmc_q5p", "cellbench_qDropseq3cl", "cellbench_qCELseq3cl",
               "cellbench_qCELseq5cl_p3", "onek1k_a", "baron_human_to_mouse", "baron_mouse_to_human"]  # fmt: skip
 DEFAULT_SCHEDULE = ["pbmc_q3pv2", "pbmc_q3pv3", "pbmc_q5p", "kang_ctrl_to_stim"]
+NO_STOP = 10**9  # patience that never fires
 
 
 def loto_splits(work: Path, bases: list[Split]) -> list[Split]:
@@ -246,7 +248,7 @@ def split_files(work: Path, s: Split) -> tuple[Path, Path]:
 
 # ----------------------------------------------------------------------------------------------- training
 def run_dir(work: Path, s: Split, seed: int, iterations: int) -> Path:
-    return work / "runs" / f"{s.id}_s{seed}_it{iterations}"
+    return work / "runs" / (f"{s.id}_s{seed}_it{iterations}" + (f"_p{s.patience}" if s.patience is not None else ""))
 
 
 def cmd_train(a: argparse.Namespace) -> None:
@@ -264,7 +266,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     api.ingest(atlas, [a.ref], batch_key="batch")
     api.preprocess(atlas, min_features=a.min_features, n_top_features=a.n_top_features, min_cells=3)
     t1 = time.perf_counter()
-    res = api.fit(atlas, model, TrainConfig(max_iterations=a.iterations, seed=a.seed, progress=False))
+    extra = {"patience": a.patience} if a.patience else {}
+    res = api.fit(atlas, model, TrainConfig(max_iterations=a.iterations, seed=a.seed, progress=False, **extra))
     t2 = time.perf_counter()
     api.embed(atlas, model)
     api.project(atlas, model, [a.query], batch_key="batch")
@@ -305,7 +308,8 @@ def train(work: Path, s: Split, seed: int, iterations: int) -> Path:
     d = DATASETS[s.dataset]
     cmd = [sys.executable, str(Path(__file__).resolve()), "_train", "--ref", str(ref), "--query", str(query),
            "--query-batches", ",".join(s.query), "--outdir", str(out), "--seed", str(seed), "--iterations",
-           str(iterations), "--min-features", str(d.min_features), "--n-top-features", str(d.n_top_features)]
+           str(iterations), "--min-features", str(d.min_features), "--n-top-features", str(d.n_top_features),
+           "--patience", str(s.patience or 0)]
     wall = _run(cmd, out / "train.log")
     (out / "done").write_text(json.dumps({"wall_s": wall}))
     return out
@@ -443,10 +447,10 @@ METRICS = ("ARI", "NMI", "f1_macro", "accuracy", "unassigned")
 
 def summarize(rows: list[dict]) -> dict:
     out: dict = {}
-    main = [r for r in rows if r["group"] in ("main", "default")]
-    for key in sorted({(r["split"], r["iterations"]) for r in main}):
-        rr = [r for r in main if (r["split"], r["iterations"]) == key]
-        e = {"split": key[0], "iterations": key[1], "dataset": rr[0]["dataset"], "tuning": rr[0]["tuning"],
+    main = [r for r in rows if r["group"] in ("main", "default", "nostop")]
+    for key in sorted({(r["split"], r["iterations"], r["group"]) for r in main}):
+        rr = [r for r in main if (r["split"], r["iterations"], r["group"]) == key]
+        e = {"split": key[0], "iterations": key[1], "group": key[2], "dataset": rr[0]["dataset"], "tuning": rr[0]["tuning"],
              "n_seeds": len(rr), "n_query": rr[0]["n_query"]}
         for m in METHODS:
             have = [r[m] for r in rr if m in r]
@@ -461,12 +465,12 @@ def summarize(rows: list[dict]) -> dict:
                            "unassigned_le_5pct": e["transfer"]["unassigned"] <= 0.05}
         else:
             e["target"] = {"unassigned_le_5pct": e["transfer"]["unassigned"] <= 0.05}
-        out[f"{key[0]}@{key[1]}"] = e
-    loto = [r for r in rows if r["group"] == "loto"]
+        out[f"{key[0]}@{key[1]}" + ("" if key[2] in ("main", "default") else f"@{key[2]}")] = e
+    loto = [r for r in rows if r["group"] in ("loto", "nostop_loto")]
     per_ds: dict = {}
-    for ds in sorted({r["dataset"] for r in loto}):
+    for ds in sorted({r["dataset"] + ("" if r["group"] == "loto" else "@nostop") for r in loto}):
         cases = {}
-        for r in (r for r in loto if r["dataset"] == ds):
+        for r in (r for r in loto if r["dataset"] + ("" if r["group"] == "loto" else "@nostop") == ds):
             c = cases.setdefault(r["split"], {"type": r["loto"]["type"], "tuning": r["tuning"], "seeds": []})
             c["seeds"].append(r["loto"])
         table = []
@@ -509,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument(k, required=True)
     for k in ("--seed", "--iterations", "--min-features", "--n-top-features"):
         t.add_argument(k, type=int, required=True)
-    p.add_argument("--groups", default="main,loto,default", help="main, loto, default (30,000 iterations on a subset)")
+    t.add_argument("--patience", type=int, default=0, help="0: TrainConfig's default")
+    p.add_argument("--groups", default="main,loto,default",
+                   help="main, loto, default (30,000 iterations on a subset), nostop (OneK1K without early stopping)")
     p.add_argument("--splits", default="", help="comma-separated split ids (prefixes) to restrict to")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--loto-seeds", default=None, help="seeds of the leave-one-type-out group (default: --seeds)")
@@ -538,6 +544,11 @@ def main(argv: list[str] | None = None) -> int:
                  for sd in seeds[:1]]
     if "loto" in groups:
         jobs += [(s, sd, a.iterations) for s in loto_splits(work, base) for sd in loto_seeds]
+    if "nostop" in groups:  # an investigation, not the method's schedule: early stopping off on OneK1K
+        ok1 = [s for s in base if s.dataset == "onek1k"]
+        jobs += [(Split(**{**asdict(s), "group": "nostop", "patience": NO_STOP}), sd, a.iterations) for s in ok1 for sd in seeds[:1]]
+        jobs += [(Split(**{**asdict(s), "group": "nostop_loto", "patience": NO_STOP}), sd, a.iterations)
+                 for s in loto_splits(work, ok1) for sd in seeds[:1]]
     if a.splits:
         pre = tuple(a.splits.split(","))
         jobs = [j for j in jobs if j[0].id.startswith(pre)]
@@ -587,7 +598,7 @@ def format_table(summary: dict) -> str:
     for key, e in summary.items():
         if key == "loto":
             continue
-        tag = " (tuning)" if e["tuning"] else ""
+        tag = (" (tuning)" if e["tuning"] else "") + (f" [{e['group']}]" if e["group"] not in ("main", "default") else "")
         lines.append(f"| {e['split']}{tag} | {e['iterations']:,} | {_fmt(e, 'transfer')} | {_fmt(e, 'knn5')} | {_fmt(e, 'knn30')} "
                      f"| {_fmt(e, 'scvi_knn5')} | {_fmt(e, 'scvi_knn30')} |")
     lines += ["", "| dataset | LOTO cases | T unassigned median / worst | others unassigned median / worst |", "|---|---|---|---|"]
