@@ -41,6 +41,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patience", type=int, default=10,
+                   help="early stopping: epochs without a lower epoch loss (the method's 10; large = train the full budget)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--cuda-graphs", action="store_true", help="capture the training step in a CUDA graph")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -56,6 +58,7 @@ def _train_config(args: argparse.Namespace):
         device=args.device,
         precision=args.precision,
         seed=args.seed,
+        patience=args.patience,
         compile=args.compile,
         cuda_graphs=args.cuda_graphs,
         progress=not args.no_progress,

@@ -191,3 +191,12 @@ def test_cli_fit_distributed_under_torchrun(synthetic, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Atlas.open(store).state["model"]["n_iterations"] > 12
     assert api.embed(store, tmp_path / "m", device="cpu") > 0
+
+
+def test_cli_train_options_reach_the_config():
+    from scalex_scale.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["fit", "a.zarr", "model", "--patience", "50", "--max-iterations", "7"])
+    cfg = _train_config(args)
+    assert cfg.patience == 50 and cfg.max_iterations == 7
+    assert _train_config(build_parser().parse_args(["fit", "a.zarr", "model"])).patience == TrainConfig().patience
