@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-batches", type=_csv, default=None)
     p.add_argument("--method", choices=["scalex", "knn5"], default="scalex",
                    help="scalex: weighted vote + 'unassigned' for novel cells; knn5: the reference package's rule")
-    p.add_argument("--k", type=int, default=30, help="neighbours of the vote (scalex)")
+    p.add_argument("--k", type=int, default=None,
+                   help="neighbours of the vote (scalex; default: 5 or 30, chosen by cross-validation on the reference)")
     p.add_argument("--min-vote-fraction", type=float, default=0.0,
                    help="also 'unassigned' when the winning label holds less of the vote (scalex; 0: off)")
     p.add_argument("--no-novelty", action="store_true", help="no novelty call (scalex)")

@@ -114,6 +114,9 @@ def test_cli_transfer_reference_and_json(setup, tmp_path, capsys):
     qs = tmp_path / "q.zarr"
     shutil.copytree(root / "q.zarr", qs)
     js = tmp_path / "summary.json"
+    assert main(["transfer", str(qs), "--reference", str(out.atlas), "--label-key", "celltype", "--out", str(js)]) == 0
+    default = json.loads(js.read_text())
+    assert default["config"]["k"] is None and default["diagnostics"]["k"] in (5, 30)  # cross-validated by default
     assert main(["transfer", str(qs), "--reference", str(out.atlas), "--label-key", "celltype", "--out", str(js), "--k", "15"]) == 0
     text = capsys.readouterr().out
     assert "of " + str(out.atlas) in text and "summary written to" in text
