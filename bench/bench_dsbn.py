@@ -1,7 +1,7 @@
 """Benchmark DSBN forward + backward: the original SCALEX loop, the vectorized torch reference, the Triton kernels.
 
-For B in {64, 512, 4096}, F = 2000, D in {2, 16, 256} (training mode, random unsorted domain ids), times one
-forward + backward call of
+For B in {64, 512, 4096}, F = 2000, D in {2, 16, 256} (training mode, random unsorted domain ids; other shapes with
+``--batch-sizes`` / ``--n-domains``), times one forward + backward call of
 
 - ``loop``:   the original SCALEX 1.0.4 DSBN (Python loop over domains, ``np.where`` on host copies);
 - ``torch``:  ``scalex_scale.kernels.dsbn_reference`` (vectorized, sync-free);
@@ -136,7 +136,8 @@ def methods(device: torch.device) -> dict[str, DsbnFn]:
     return out
 
 
-def run_all(cfg: BenchConfig) -> list[Result]:
+def run_all(cfg: BenchConfig, on_shape: Callable[[list[Result]], None] | None = None) -> list[Result]:
+    """Every (B, D) shape; ``on_shape(results so far)`` after each (e.g. to write the files as it goes)."""
     fns = methods(cfg.device)
     results: list[Result] = []
     for n_rows in cfg.batch_sizes:
@@ -151,11 +152,13 @@ def run_all(cfg: BenchConfig) -> list[Result]:
                 results.append(r)
                 print(f"B={n_rows:5d} F={cfg.n_features} D={n_domains:4d} {name:7s} {med:9.3f} ms "
                       f"(min {min(ts):.3f}, x{r.speedup_vs_loop} vs loop)", flush=True)
+            if on_shape is not None:
+                on_shape(results)
     return results
 
 
 # ------------------------------------------------------------------------------------------------------ output
-def write_results(out_dir: Path, results: list[Result], cfg: BenchConfig) -> None:
+def write_results(out_dir: Path, results: list[Result], cfg: BenchConfig, quiet: bool = False) -> None:
     """``dsbn.json`` (with the machine, versions and git commit of ``_env.header``) and ``dsbn.csv``."""
     payload = {
         "benchmark": "dsbn forward+backward (training mode), ms per call",
@@ -168,7 +171,8 @@ def write_results(out_dir: Path, results: list[Result], cfg: BenchConfig) -> Non
         writer.writeheader()
         for r in results:
             writer.writerow(asdict(r))
-    print(f"wrote {out_dir / 'dsbn.json'} and {out_dir / 'dsbn.csv'}")
+    if not quiet:
+        print(f"wrote {out_dir / 'dsbn.json'} and {out_dir / 'dsbn.csv'}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -180,6 +184,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-sizes", default=None, help="comma-separated B (default 64,512,4096; --quick 64,512)")
+    p.add_argument("--n-domains", default=None, help="comma-separated D (default 2,16,256; --quick 2,16)")
+    p.add_argument("--n-features", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per method and shape")
     return p.parse_args(argv)
 
 
@@ -188,14 +196,19 @@ def build_config(args: argparse.Namespace) -> BenchConfig:
     if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available")
     on_gpu = dev == "cuda"
+
+    def ints(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+        return default if not text else tuple(int(v) for v in text.split(","))
+
+    repeats = (5 if args.quick else 50) if on_gpu else (3 if args.quick else 10)
     return BenchConfig(
         device=torch.device(dev),
-        batch_sizes=(64, 512) if args.quick else (64, 512, 4096),
-        n_features=2000,
-        n_domains=(2, 16) if args.quick else (2, 16, 256),
+        batch_sizes=ints(args.batch_sizes, (64, 512) if args.quick else (64, 512, 4096)),
+        n_features=int(args.n_features),
+        n_domains=ints(args.n_domains, (2, 16) if args.quick else (2, 16, 256)),
         dtype=getattr(torch, args.dtype),
         warmup=(2 if args.quick else 10) if on_gpu else 1,
-        repeats=(5 if args.quick else 50) if on_gpu else (3 if args.quick else 10),
+        repeats=int(args.repeats) if args.repeats else repeats,
         seed=args.seed,
     )
 
@@ -205,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = build_config(args)
-    results = run_all(cfg)
-    write_results(results_dir(args.out, device=cfg.device.type), results, cfg)
+    out = results_dir(args.out, device=cfg.device.type)
+    results = run_all(cfg, on_shape=lambda so_far: write_results(out, so_far, cfg, quiet=True))
+    write_results(out, results, cfg)
     return 0
 
 

@@ -1,28 +1,44 @@
-"""Runtime and memory vs number of cells (the paper's Fig. 1e), scalex-scale and optionally the reference.
+"""Runtime and memory vs number of cells (the paper's Fig. 1e): scalex-scale beside the reference and its peers.
 
-    python bench/run_scaling.py [--sizes 10000,50000,250000,1000000] [--device auto|cpu|cuda] [--reference]
-                                [--max-iterations 30000] [--out bench/results/<machine>]
+    python bench/run_scaling.py [--sizes 10000,50000,250000,1000000] [--tools scalex-scale,reference,scvi,harmony]
+                                [--device auto|cpu|cuda] [--precision fp32|bf16] [--ingest-from synthetic|h5ad]
+                                [--max-iterations 30000] [--merge] [--out bench/results/<machine>]
 
-For every size: one synthetic atlas (same generator, config and seed for every tool), then each stage in a fresh
-process, recording wall time, peak RSS (peak GPU memory on CUDA) and throughput:
-ingest (generate + write the store), preprocess, fit (the method's schedule: 30,000 iterations at batch 64, or
-fewer if early stopping fires), embed, transfer (labels of the last batch from the others), evaluate (no UMAP).
-With ``--reference``, the reference package (scalex 1.0.4, venv made by ``bench/make_reference_env.sh``) runs
-on the same data written as .h5ad (its one call does preprocessing + training + embedding); a size whose run
-exceeds ``--reference-timeout`` or ``--reference-memory-gb`` (RSS of its process tree, polled) is recorded as such
-(and larger sizes are skipped for it), not dropped. Results are rewritten after every size. ``--precision bf16``
-runs ours as the tool ``scalex-scale-bf16``; ``--merge`` adds a run to the tools already in ``scaling.json``.
-The JSON's ``summary`` has, per tool and size, the pipeline's wall time and peak RSS (ingest + preprocess + fit +
-embed for ours; the reference's one call) and the ratios to the reference.
+For every size: one synthetic data set (same generator, config and seed for every tool), then each tool:
 
-Writes ``scaling.json`` and ``scaling.csv`` (one row per tool, size and stage) and, when matplotlib is
-installed, ``scaling_runtime.png`` and ``scaling_memory.png`` (log-log).
+* ``scalex-scale`` (ours; ``scalex-scale-bf16`` with ``--precision bf16``): each stage in a fresh process, recording
+  wall time, peak RSS (peak GPU memory on CUDA), throughput and the store's disk use: ingest (``--ingest-from
+  synthetic``: generating + writing the store; ``h5ad``: ``scalex-scale ingest`` of the .h5ad the other tools
+  read, written beforehand and not timed, recorded as stage ``ingest_h5ad``), preprocess, fit (the method's
+  schedule: 30,000 iterations at batch 64, or fewer if early stopping fires), embed, transfer (labels of the last
+  batch from the others), evaluate (no UMAP). ``--stages`` runs a subset (e.g. ``--stages ingest --ingest-from
+  h5ad``: file-ingest throughput only).
+* ``reference`` (scalex 1.0.4, venv by ``bench/make_reference_env.sh``): its one call on the .h5ad (preprocessing +
+  training + embedding), under ``--reference-timeout`` / ``--reference-memory-gb``.
+* ``scvi``, ``harmony`` (venv by ``bench/make_peer_env.sh``; ``bench/peer_runner.py``): on the same .h5ad, the same
+  cell/gene filters and the same 2,000 HVGs (scanpy ``seurat`` flavor by batch, the selection ours reproduces; the
+  overlap with ours is recorded), stage by stage in one fresh process, under ``--peer-time-budget`` /
+  ``--peer-memory-gb``. scVI: its defaults, 10-d latent, on the counts; Harmony: on a 50-PC PCA of the
+  log-normalized HVGs (not scaled; ``--harmony-scale`` to scale first).
+
+A run over its budget (RSS of its process tree, polled) is killed and recorded as ``memory_budget_exceeded`` /
+``time_budget_exceeded`` with the observed peak (larger sizes are then skipped for that tool); a tool whose venv
+is missing is recorded as ``tool_unavailable`` with the install hint. After each tool's pipeline its embedding is
+scored (stage ``quality``, in our venv, on a fixed subsample of ``--quality-subsample`` cells: batch entropy mixing
+and cell-type silhouette). Results are rewritten after every tool and size, so a long run that stops keeps what it
+measured. ``--merge`` keeps the rows of OUT/scaling.json that this run does not replace (same tool and size; with
+``--stages``, same tool, size and stage).
+
+Writes ``scaling.json`` (rows, ``summary`` with ratios to ours, ``curves`` per tool with the quality scores,
+``scale_checks`` past ``--baseline-size``, notes on what each peer gives), ``scaling.csv`` (one row per tool, size
+and stage), ``scaling_summary.md`` (the tables) and, with matplotlib, ``scaling_runtime.png``,
+``scaling_memory.png`` (every stage of ours, log-log) and ``scaling_tools_runtime.png``,
+``scaling_tools_memory.png`` (one line per tool).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -31,54 +47,83 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _budget import run_with_budget  # noqa: E402
 from _env import REPO, results_dir, write_json  # noqa: E402
 from _env import run_stage as _run_stage  # noqa: E402
+from _peers import NOTES, PEER_TOOLS, availability, run_peer  # noqa: E402
+from _scaling_report import PIPELINE, check_lines, curves, markdown, plot, scale_checks, summarize, write_csv  # noqa: E402
 
 STAGES = ("ingest", "preprocess", "fit", "embed", "transfer", "evaluate")
+TOOLS = ("scalex-scale", "reference", *PEER_TOOLS)
 REF_PY = REPO / "bench" / ".ref-venv" / "bin" / "python"
+REF_HINT = "build bench/.ref-venv with `bash bench/make_reference_env.sh` (scalex 1.0.4, torch pinned)"
+BUDGET_STATUSES = ("memory_budget_exceeded", "time_budget_exceeded")
+# disk use of our store per cell before one is measured in this run: 3,150 B measured after preprocessing at 250k
+# cells (5,000 genes, ~1,000 detected per cell), with some room
+DEFAULT_STORE_BYTES_PER_CELL = 4_000
 
 
 def log(t0: float, text: str) -> None:
     print(f"[{time.perf_counter() - t0:7.1f}s] {text}", file=sys.stderr, flush=True)
 
 
-def run_ours(n: int, args: argparse.Namespace, work: Path, t0: float) -> list[dict]:
+def disk_bytes(path: str | Path) -> int:
+    """Bytes ``path`` occupies on disk (allocated blocks of every file under it)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
+def quality_row(tool: str, n: int, source: dict, args: argparse.Namespace) -> dict:
+    """Score one tool's embedding (in our venv, a fresh process): ``source`` is {"store"} or {"latent", "obs"}."""
+    r = _run_stage("quality", {**source, "subsample": args.quality_subsample, "seed": args.seed, "label_key": "celltype"})
+    return {**r, "tool": tool, "n_cells": n, "stage": "quality"}
+
+
+def run_ours(n: int, args: argparse.Namespace, work: Path, h5ad: Path | None, t0: float) -> list[dict]:
     store, model = str(work / f"atlas_{n}.zarr"), str(work / f"model_{n}")
     data = {"n_cells": n, "n_genes": args.n_genes, "genes_per_cell": args.genes_per_cell, "n_batches": args.n_batches, "seed": args.seed}
     common = {"store": store, "model_dir": model, "device": args.device}
+    if args.ingest_from == "h5ad":
+        ingest = ("ingest_h5ad", "ingest_h5ad", {"store": store, "input": str(h5ad), "batch_key": "batch"})
+    else:
+        ingest = ("ingest", "synthetic", {**data, "store": store})
     plan = [
-        ("ingest", "synthetic", {**data, "store": store}),
-        ("preprocess", "preprocess", {"store": store, "min_features": args.min_features}),
-        ("fit", "fit", {**common, "max_iterations": args.max_iterations, "seed": args.seed, "precision": args.precision}),
+        ingest,
+        ("preprocess", "preprocess", {"store": store, "min_features": args.min_features, "features_out": str(work / f"hvg_{n}.txt")}),
+        ("fit", "fit", {**common, "max_iterations": args.max_iterations, "seed": args.seed, "precision": args.precision,
+                        "cuda_graphs": args.cuda_graphs}),
         ("embed", "embed", common),
         ("transfer", "transfer", {"store": store, "label_key": "celltype", "query_batches": [f"batch{args.n_batches - 1}"]}),
         ("evaluate", "evaluate", {"store": store, "label_key": "celltype", "seed": args.seed}),
-    ]
-    if args.pipeline_only:
-        plan = [step for step in plan if step[0] in PIPELINE]
+    ]  # fmt: skip
+    plan = [step for step, name in zip(plan, STAGES, strict=True) if name in args.our_stages]
     rows = []
     for name, stage, stage_args in plan:
         log(t0, f"{args.tool:<13} {n:>9,} cells  {name} ...")
         r = _run_stage(stage, stage_args)
-        rows.append({**r, "tool": args.tool, "n_cells": n, "stage": name})
+        row = {**r, "tool": args.tool, "n_cells": n, "stage": name, "ingest_source": args.ingest_from}
+        if os.path.exists(store):
+            row["store_disk_bytes"] = disk_bytes(store)
+        rows.append(row)
         log(t0, f"{args.tool:<13} {n:>9,} cells  {name}: {r.get('status')} {r.get('wall_s', 0):.1f} s, {r.get('peak_rss_mb', 0):,.0f} MB")
         if r.get("status") != "ok":
             break
+    if args.quality and any(r["stage"] == "embed" and r["status"] == "ok" for r in rows):
+        rows.append(quality_row(args.tool, n, {"store": store}, args))
     if not args.keep:
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(model, ignore_errors=True)
     return rows
 
 
-def run_reference(n: int, args: argparse.Namespace, work: Path, t0: float) -> list[dict]:
-    import subprocess
-
-    h5ad, out = work / f"data_{n}.h5ad", work / f"ref_{n}"
-    data = {"n_cells": n, "n_genes": args.n_genes, "genes_per_cell": args.genes_per_cell, "n_batches": args.n_batches, "seed": args.seed, "path": str(h5ad)}
-    log(t0, f"reference     {n:>9,} cells  writing .h5ad ...")
-    w = _run_stage("synthetic_h5ad", data)
-    if w.get("status") != "ok":
-        return [{**w, "tool": "reference", "n_cells": n, "stage": "total"}]
+def run_reference(n: int, args: argparse.Namespace, work: Path, h5ad: Path, t0: float) -> list[dict]:
+    out = work / f"ref_{n}"
     cmd = [str(REF_PY), str(REPO / "bench" / "reference_runner.py"), "fit", "--input", str(h5ad), "--outdir", str(out),
            "--max-iteration", str(args.max_iterations), "--seed", str(args.seed), "--min-features", str(args.min_features),
            "--num-workers", "0", "--no-eval-latent"]  # fmt: skip
@@ -90,13 +135,14 @@ def run_reference(n: int, args: argparse.Namespace, work: Path, t0: float) -> li
     run = json.loads((out / "run.json").read_text()) if status == "ok" and (out / "run.json").exists() else {}
     if run:
         rows += reference_rows(n, run, wall, tree_peak)
+        if args.quality:
+            rows.append(quality_row("reference", n, {"latent": str(out / "latent.npy"), "obs": str(out / "obs.csv")}, args))
     else:
         rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": status, "wall_s": wall, "error": err,
-                     "peak_rss_mb_observed": tree_peak})
+                     "peak_rss_mb_observed": tree_peak})  # fmt: skip
     log(t0, f"reference     {n:>9,} cells  {status} in {wall:.0f} s")
     if not args.keep:
         shutil.rmtree(out, ignore_errors=True)
-        h5ad.unlink(missing_ok=True)
     return rows
 
 
@@ -108,7 +154,7 @@ def reference_rows(n: int, run: dict, wall: float, tree_peak: float | None) -> l
     rows = [{**base, "stage": "preprocess", "wall_s": run.get("preprocess_seconds")},
             {**base, "stage": "fit", "wall_s": train.get("train_seconds"), "iterations": train.get("iterations_done")},
             {**base, "stage": "total", "wall_s": wall, "iterations": train.get("iterations_done"),
-             "reference_wall_seconds": run.get("wall_seconds"), "peak_rss_mb_observed": tree_peak}]
+             "reference_wall_seconds": run.get("wall_seconds"), "peak_rss_mb_observed": tree_peak}]  # fmt: skip
     return [r for r in rows if r["wall_s"] is not None]
 
 
@@ -118,136 +164,65 @@ def rows_from_log(n: int, log_path: Path, wall: float) -> list[dict]:
     return reference_rows(n, json.loads(text[text.rindex("\n{") + 1 :]), wall, None)
 
 
-def _tree_rss_mb(root: int) -> float:
-    """Resident memory (MB) of process ``root`` and all its descendants, from /proc."""
-    parent, rss = {}, {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            parent[int(d.name)] = int(fields[1])
-            rss[int(d.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
-    tree, frontier = {root}, [root]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier and p not in tree]
-        tree.update(kids)
-        frontier = kids
-    return sum(rss.get(p, 0) for p in tree) / 2**20
+def run_other(tool: str, n: int, args: argparse.Namespace, work: Path, h5ad: Path, t0: float) -> list[dict]:
+    if tool == "reference":
+        return run_reference(n, args, work, h5ad, t0)
+    log(t0, f"{tool:<13} {n:>9,} cells  load + preprocess + {'train' if tool == 'scvi' else 'pca + harmony'} + embed ...")
+    rows, outdir = run_peer(tool, n, h5ad, work, args, args.peer_time_budget[tool], args.peer_memory_gb[tool] * 1024,
+                            work / f"hvg_{n}.txt" if "scalex-scale" in args.tools else None)  # fmt: skip
+    total = rows[-1]
+    log(t0, f"{tool:<13} {n:>9,} cells  {total['status']} in {total['wall_s']:.0f} s, "
+            f"{total.get('peak_rss_mb') or total.get('peak_rss_mb_observed') or 0:,.0f} MB")  # fmt: skip
+    if outdir is not None:
+        if args.quality:
+            rows.append(quality_row(tool, n, {"latent": str(outdir / "latent.npy"), "obs": str(outdir / "obs.csv")}, args))
+        if not args.keep:
+            shutil.rmtree(outdir, ignore_errors=True)
+    return rows
 
 
-def run_with_budget(cmd: list[str], log_path: Path, timeout_s: float, max_rss_mb: float) -> tuple[str, str | None, float]:
-    """Run ``cmd`` (output to ``log_path``); kill it past ``timeout_s`` or when its process tree's RSS passes
-    ``max_rss_mb`` (polled every 0.5 s). Returns (status, error text, peak tree RSS observed in MB)."""
-    import subprocess
-
-    peak, status, err = 0.0, None, None
-    with log_path.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-        start = time.perf_counter()
-        while proc.poll() is None:
-            peak = max(peak, _tree_rss_mb(proc.pid))
-            if peak > max_rss_mb:
-                status, err = "memory_budget_exceeded", f"process tree RSS {peak:,.0f} MB > budget {max_rss_mb:,.0f} MB"
-            elif time.perf_counter() - start > timeout_s:
-                status, err = "time_budget_exceeded", f"over the {timeout_s:.0f} s time budget"
-            if status:
-                proc.kill()
-                proc.wait()
-                break
-            time.sleep(0.5)
-    if status is None:
-        status = "ok" if proc.returncode == 0 else "failed"
-        if proc.returncode:
-            err = log_path.read_text()[-2000:]
-    return status, err, peak
+def write_input(n: int, args: argparse.Namespace, work: Path, t0: float) -> tuple[Path, dict]:
+    """The size's .h5ad (streamed from the generator; not part of any tool's pipeline)."""
+    h5ad = work / f"data_{n}.h5ad"
+    data = {"n_cells": n, "n_genes": args.n_genes, "genes_per_cell": args.genes_per_cell, "n_batches": args.n_batches, "seed": args.seed, "path": str(h5ad)}
+    log(t0, f"input         {n:>9,} cells  writing .h5ad ...")
+    r = _run_stage("synthetic_h5ad", data)
+    return h5ad, {**r, "tool": "input", "n_cells": n, "stage": "write_h5ad"}
 
 
-PIPELINE = ("ingest", "preprocess", "fit", "embed")  # what the reference's one call covers (+ reading the data)
+def disk_needed(n: int, args: argparse.Namespace, rows: list[dict], h5ad: bool) -> float:
+    """Bytes a size needs on the work disk: the .h5ad (when written) and our store (bytes per cell measured at the
+    largest size run so far, else DEFAULT_STORE_BYTES_PER_CELL), with 15% to spare."""
+    measured = [(r["n_cells"], r["store_disk_bytes"]) for r in rows if r.get("store_disk_bytes")]
+    per_cell = max(measured)[1] / max(measured)[0] if measured else DEFAULT_STORE_BYTES_PER_CELL
+    need = n * per_cell if "scalex-scale" in args.tools else 0.0
+    if h5ad:
+        need += n * args.genes_per_cell * 8.0  # float32 values + int32 indices
+    return 1.15 * need
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per tool and size: total wall time and peak RSS of the integration pipeline (ours: ingest + preprocess + fit
-    + embed, i.e. data generation and store writing included; the reference: its one call, reading the .h5ad
-    included, writing it not), and ours / reference ratios where both completed."""
-    out = []
-    ref = {r["n_cells"]: r for r in rows if r["tool"] == "reference" and r["stage"] == "total"}
-    for tool in sorted({r["tool"] for r in rows if r["tool"] != "reference"}):
-        for n in sorted({r["n_cells"] for r in rows if r["tool"] == tool}):
-            st = {r["stage"]: r for r in rows if r["tool"] == tool and r["n_cells"] == n}
-            if not all(st.get(s, {}).get("status") == "ok" for s in PIPELINE):
-                continue
-            row = {"tool": tool, "n_cells": n, "pipeline_wall_s": sum(st[s]["wall_s"] for s in PIPELINE),
-                   "pipeline_peak_rss_mb": max(st[s]["peak_rss_mb"] for s in PIPELINE),
-                   "all_stages_peak_rss_mb": max(r.get("peak_rss_mb") or 0 for r in st.values())}
-            r = ref.get(n)
-            if r is not None:
-                row["reference_status"] = r["status"]
-                if r["status"] == "ok":
-                    row["reference_wall_s"], row["reference_peak_rss_mb"] = r["wall_s"], r.get("peak_rss_mb")
-                    row["speedup"] = r["wall_s"] / row["pipeline_wall_s"]
-                    if r.get("peak_rss_mb"):
-                        row["memory_ratio"] = r["peak_rss_mb"] / row["pipeline_peak_rss_mb"]
-                else:
-                    row["reference_peak_rss_mb_observed"] = r.get("peak_rss_mb_observed")
-            out.append(row)
+def per_tool(text: str, default: float) -> dict[str, float]:
+    """``"7200"`` (every peer) or ``"scvi=7200,harmony=3600"`` (the others: ``default``) -> {tool: value}."""
+    out = dict.fromkeys(PEER_TOOLS, default)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, value = part.rpartition("=")
+        if key and key not in PEER_TOOLS:
+            raise argparse.ArgumentTypeError(f"unknown peer {key!r} in {text!r} (peers: {', '.join(PEER_TOOLS)})")
+        for tool in [key] if key else PEER_TOOLS:
+            out[tool] = float(value)
     return out
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    cols = ["tool", "n_cells", "stage", "status", "wall_s", "peak_rss_mb", "peak_gpu_mb", "cells_per_s", "iterations"]
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def plot(out: Path, rows: list[dict], summary: list[dict]) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    files = []
-    for metric, fname, label in (("wall_s", "scaling_runtime.png", "wall time (s)"), ("peak_rss_mb", "scaling_memory.png", "peak RSS (MB)")):
-        fig, ax = plt.subplots(figsize=(7, 5))
-        series = sorted({(r["tool"], r["stage"]) for r in rows if r.get("status") == "ok" and r.get(metric)})
-        for tool, stage in series:
-            pts = sorted((r["n_cells"], r[metric]) for r in rows if r["tool"] == tool and r["stage"] == stage and r.get("status") == "ok" and r.get(metric))
-            ax.plot(*zip(*pts, strict=True), marker="o", linestyle="--" if tool == "reference" else "-", label=f"{tool}: {stage}",
-                    linewidth=2.5 if stage == "total" else 1.0, alpha=1.0 if stage == "total" else 0.6)
-        key = {"wall_s": "pipeline_wall_s", "peak_rss_mb": "pipeline_peak_rss_mb"}[metric]
-        for tool in sorted({r["tool"] for r in summary}):
-            pts = sorted((r["n_cells"], r[key]) for r in summary if r["tool"] == tool)
-            ax.plot(*zip(*pts, strict=True), marker="s", linewidth=2.5, label=f"{tool}: ingest-preprocess-fit-embed")
-        for r in rows:
-            if r["tool"] == "reference" and r["stage"] == "total" and r.get("status") not in ("ok", "skipped_after_budget"):
-                y = r.get("peak_rss_mb_observed") if metric == "peak_rss_mb" else r.get("wall_s")
-                if y:
-                    ax.plot([r["n_cells"]], [y], marker="x", markersize=10, color="black", linestyle="none",
-                            label=f"reference {r['n_cells']:,}: {r['status']}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("cells")
-        ax.set_ylabel(label)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        files.append(str(out / fname))
-    return files
 
 
 def write_all(out: Path, rows: list[dict], args: dict, settings: dict) -> list[str]:
     write_csv(out / "scaling.csv", rows)
-    summary = summarize(rows)
+    summary, checks = summarize(rows), scale_checks(rows, args.get("baseline_size", 1_000_000), args.get("rss_tolerance", 0.25),
+                                                    args.get("time_tolerance", 0.10))  # fmt: skip
     files = plot(out, rows, summary)
+    notes = {t: NOTES[t] for t in PEER_TOOLS if any(r["tool"] == t for r in rows)}
+    (out / "scaling_summary.md").write_text(markdown(rows, checks, notes))
     write_json(out / "scaling.json", {"benchmark": "scaling", "settings": args, "settings_by_tool": settings,
-                                      "results": rows, "summary": summary, "plots": files})
+                                      "results": rows, "summary": summary, "curves": curves(rows),
+                                      "scale_checks": checks, "notes": notes, "plots": files})  # fmt: skip
     return files
 
 
@@ -269,61 +244,158 @@ def rebuild_reference(out: Path, work: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,50000,250000,1000000")
+    p.add_argument("--tools", default=None,
+                   help=f"comma-separated, from {','.join(TOOLS)} (default: scalex-scale, plus reference with --reference)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--reference", action="store_true", help="also run scalex 1.0.4 (bench/.ref-venv)")
+    p.add_argument("--cuda-graphs", action="store_true", help="fit with the captured step (CUDA only)")
+    p.add_argument("--reference", action="store_true", help="also run scalex 1.0.4 (bench/.ref-venv); = adding it to --tools")
     p.add_argument("--reference-timeout", type=float, default=4 * 3600, help="time budget of one reference run (s)")
     p.add_argument("--reference-memory-gb", type=float, default=20.0,
                    help="memory budget of one reference run (its process tree's RSS), killed above it")
+    p.add_argument("--peer-time-budget", default="14400", help="time budget (s) of one peer run: N, or scvi=N,harmony=M")
+    p.add_argument("--peer-memory-gb", default="20", help="memory budget (GB, process tree RSS) of one peer run: N, or scvi=N,harmony=M")
+    p.add_argument("--scvi-max-epochs", type=int, default=0, help="scVI epochs (0: scvi-tools' default; set only for smoke runs)")
+    p.add_argument("--harmony-max-iter", type=int, default=0, help="Harmony iterations (0: harmonypy's default, 10)")
+    p.add_argument("--harmony-scale", action="store_true", help="scanpy pp.scale before Harmony's PCA (densifies)")
+    p.add_argument("--ingest-from", choices=["synthetic", "h5ad"], default="synthetic",
+                   help="our ingest: the generator straight into the store, or `scalex-scale ingest` of the .h5ad")
+    p.add_argument("--stages", default=None, help=f"our stages to run, from {','.join(STAGES)} (default: all)")
     p.add_argument("--max-iterations", type=int, default=30_000)
     p.add_argument("--n-genes", type=int, default=5000)
     p.add_argument("--genes-per-cell", type=int, default=1000)
     p.add_argument("--n-batches", type=int, default=8)
     p.add_argument("--min-features", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-quality", dest="quality", action="store_false", help="do not score the embeddings")
+    p.add_argument("--quality-subsample", type=int, default=50_000, help="cells scored per embedding (fixed subsample)")
+    p.add_argument("--baseline-size", type=int, default=1_000_000, help="size larger runs are checked against")
+    p.add_argument("--rss-tolerance", type=float, default=0.25, help="allowed peak-RSS growth over the baseline size")
+    p.add_argument("--time-tolerance", type=float, default=0.10, help="allowed super-linear time growth (timing noise)")
     p.add_argument("--workdir", default=str(REPO / "bench" / "_work" / "scaling"))
-    p.add_argument("--keep", action="store_true", help="keep atlases, models and .h5ad files")
+    p.add_argument("--keep", action="store_true", help="keep atlases, models, outputs and .h5ad files")
     p.add_argument("--out", default=None, help="results directory (default bench/results/<machine>)")
     p.add_argument("--pipeline-only", action="store_true", help="only ingest, preprocess, fit, embed (no transfer, evaluate)")
     p.add_argument("--merge", action="store_true",
-                   help="keep the rows of other tools already in OUT/scaling.json (e.g. add a bf16 run of ours beside "
-                        "an earlier fp32 + reference run); rows of the tools run now are replaced")
+                   help="keep the rows already in OUT/scaling.json that this run does not replace (rows of the same "
+                        "tool and size; with --stages, of the same tool, size and stage)")
     p.add_argument("--rebuild-reference", action="store_true",
                    help="only rebuild the completed reference rows of OUT/scaling.json from the runner reports in "
                         "WORKDIR/ref_<n>.log (for runs recorded before their report was parsed fully), then exit")
     args = p.parse_args(argv)
+    tools = [t.strip() for t in (args.tools or "scalex-scale").split(",") if t.strip()]
+    if args.reference and "reference" not in tools:
+        tools.append("reference")
+    unknown = [t for t in tools if t not in TOOLS]
+    if unknown:
+        p.error(f"unknown tool(s) {unknown}; choose from {', '.join(TOOLS)}")
+    args.tools = [t for t in TOOLS if t in tools]  # fixed order: ours first, its HVGs are compared with the peers'
+    stages = [s.strip() for s in (args.stages or ",".join(PIPELINE if args.pipeline_only else STAGES)).split(",") if s.strip()]
+    if [s for s in stages if s not in STAGES]:
+        p.error(f"unknown stage(s) in --stages {args.stages!r}; choose from {', '.join(STAGES)}")
+    args.our_stages = [s for s in STAGES if s in stages]
+    try:
+        args.peer_time_budget = per_tool(args.peer_time_budget, 14400.0)
+        args.peer_memory_gb = per_tool(args.peer_memory_gb, 20.0)
+    except (argparse.ArgumentTypeError, ValueError) as err:
+        p.error(str(err))
+    args.tool = ("scalex-scale" if args.precision == "fp32" else f"scalex-scale-{args.precision}") + (
+        "-graphs" if args.cuda_graphs else "")
+    return p, args
+
+
+def replaced(rows: list[dict], subset: bool) -> set[tuple]:
+    """Keys of old rows that this run's ``rows`` replace: (tool, size) or, for ours run with --stages, (tool, size,
+    stage)."""
+    keys: set[tuple] = set()
+    for r in rows:
+        by_stage = (subset and r["tool"].startswith("scalex-scale")) or r["tool"] == "input"
+        keys.add((r["tool"], r["n_cells"], r["stage"]) if by_stage else (r["tool"], r["n_cells"]))
+    return keys
+
+
+def main(argv: list[str] | None = None) -> int:
+    _, args = parse_args(argv)
     if args.rebuild_reference:
         return rebuild_reference(results_dir(args.out), Path(args.workdir))
-    args.tool = "scalex-scale" if args.precision == "fp32" else f"scalex-scale-{args.precision}"
-    if args.reference and not REF_PY.exists():
-        p.error(f"{REF_PY} is missing: run bench/make_reference_env.sh first")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     out = results_dir(args.out)
     t0 = time.perf_counter()
-    rows: list[dict] = []
-    kept: list[dict] = []
-    settings = {args.tool: vars(args)}
+    unavailable = {}
+    if "reference" in args.tools and not REF_PY.exists():
+        unavailable["reference"] = f"{REF_PY} is missing: {REF_HINT}"
+    for tool in (t for t in args.tools if t in PEER_TOOLS):
+        why = availability(tool)
+        if why:
+            unavailable[tool] = why
+    for tool, why in unavailable.items():
+        log(t0, f"WARNING: {tool} unavailable, recorded as tool_unavailable: {why}")
+    settings_now = {t if t != "scalex-scale" else args.tool: vars(args) for t in args.tools}
+    old_rows, settings = [], settings_now
     if args.merge and (out / "scaling.json").exists():
         old = json.loads((out / "scaling.json").read_text())
-        now = {args.tool} | ({"reference"} if args.reference else set())
-        kept = [r for r in old["results"] if r["tool"] not in now and r["stage"] != "summary"]
-        settings = {**old.get("settings_by_tool", {}), **settings}
-    ref_failed = False
+        old_rows = [r for r in old["results"] if r["stage"] != "summary"]
+        settings = {**old.get("settings_by_tool", {}), **settings_now}
+    subset = args.stages is not None
+    rows: list[dict] = []
+    stopped: dict[str, str] = {}  # tool -> status that stopped it (larger sizes skipped)
+
+    def save() -> list[str]:
+        keys = replaced(rows, subset)
+        kept = [r for r in old_rows if (r["tool"], r["n_cells"]) not in keys and (r["tool"], r["n_cells"], r["stage"]) not in keys]
+        return write_all(out, kept + rows, vars(args), settings)
+
+    files: list[str] = []
     for n in [int(s) for s in args.sizes.split(",")]:
-        rows += run_ours(n, args, work, t0)
-        if args.reference and not ref_failed:
-            ref = run_reference(n, args, work, t0)
-            rows += ref
-            ref_failed = any(r.get("status") != "ok" for r in ref)
-        elif args.reference:
-            rows.append({"tool": "reference", "n_cells": n, "stage": "total", "status": "skipped_after_budget"})
-        # after every size, so a long run that is stopped keeps what it measured
-        files = write_all(out, kept + rows, vars(args), settings)
-    log(t0, f"wrote {out / 'scaling.json'}, {out / 'scaling.csv'} {' '.join(files)}")
+        others = [t for t in args.tools if t != "scalex-scale"]
+        for t in others:
+            if t in unavailable:
+                rows.append({"tool": t, "n_cells": n, "stage": "total", "status": "tool_unavailable", "error": unavailable[t]})
+            elif t in stopped:
+                rows.append({"tool": t, "n_cells": n, "stage": "total",
+                             "status": "skipped_after_budget" if stopped[t] in BUDGET_STATUSES else "skipped_after_failure"})
+        runnable = [t for t in others if t not in unavailable and t not in stopped]
+        ours_h5ad = "scalex-scale" in args.tools and args.ingest_from == "h5ad" and "ingest" in args.our_stages
+        need_h5ad = bool(runnable) or ours_h5ad
+        need, free = disk_needed(n, args, rows + old_rows, need_h5ad), shutil.disk_usage(work).free
+        if need > free:
+            msg = f"needs ~{need / 1e9:.1f} GB on {work}, {free / 1e9:.1f} GB free"
+            log(t0, f"{n:,} cells skipped: {msg}")
+            rows += [{"tool": t if t != "scalex-scale" else args.tool, "n_cells": n, "stage": "total",
+                      "status": "insufficient_disk", "error": msg} for t in args.tools]  # fmt: skip
+            files = save()
+            continue
+        h5ad = None
+        if need_h5ad:
+            h5ad, w = write_input(n, args, work, t0)
+            rows.append(w)
+            if w.get("status") != "ok":
+                failed = runnable + ([args.tool] if ours_h5ad else [])
+                rows += [{"tool": t, "n_cells": n, "stage": "total", "status": "failed", "error": "writing the .h5ad failed"} for t in failed]
+                files = save()
+                continue
+        if "scalex-scale" in args.tools:
+            rows += run_ours(n, args, work, h5ad, t0)
+            files = save()
+        for tool in runnable:
+            r = run_other(tool, n, args, work, h5ad, t0)
+            rows += r
+            total = next(x for x in r if x["stage"] == "total")
+            if total["status"] != "ok":
+                stopped[tool] = total["status"]
+            files = save()  # after every tool, so a long run that is stopped keeps what it measured
+        if h5ad is not None and not args.keep:
+            h5ad.unlink(missing_ok=True)
+        (work / f"hvg_{n}.txt").unlink(missing_ok=True)
+        files = save()
+    payload = json.loads((out / "scaling.json").read_text())
+    for line in check_lines(payload["scale_checks"]):
+        log(t0, f"check: {line}")
+    log(t0, f"wrote {out / 'scaling.json'}, {out / 'scaling.csv'}, {out / 'scaling_summary.md'} {' '.join(files)}")
     return 0
 
 

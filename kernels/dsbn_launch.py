@@ -18,7 +18,7 @@ from . import dsbn_triton as K
 from .backend import INSTALL_HINT, triton_unavailable_reason
 from .validation import check_dsbn_inputs, shape_str
 
-__all__ = ["DSBNFunction", "DomainSegments", "domain_segments", "dsbn_triton"]
+__all__ = ["DSBNFunction", "DomainSegments", "domain_segments", "dsbn_triton", "row_splits"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # BLOCK_B * BLOCK_F per loop iteration. sm_90 ptxas (bf16 x): forward 80 registers at 32 x 64, no spills; the
@@ -86,6 +86,26 @@ def segment_blocks(
     return block_b, block_f
 
 
+#: Tests only: force this many row chunks per domain (the split kernels) whatever the shape; None decides.
+FORCE_ROW_SPLITS: int | None = None
+_MAX_ROW_SPLITS = 64
+
+
+def row_splits(n_rows: int, n_domains: int, n_features: int, device: torch.device, tile: int = _TILE_ELEMENTS) -> int:
+    """Row chunks per domain for the training kernels: 1 (one program per (domain, feature block)) unless that grid,
+    even with the narrowest feature blocks, would not fill the GPU; then enough chunks for ~4 waves of programs,
+    each chunk at least 4 row tiles of the domain's expected rows (``n_rows / n_domains``)."""
+    if FORCE_ROW_SPLITS is not None:
+        return max(1, int(FORCE_ROW_SPLITS))
+    _, block_f = segment_blocks(n_rows, n_domains, n_features, device, tile)
+    if n_domains * triton.cdiv(n_features, block_f) >= _min_programs(device):
+        return 1
+    wide = _pow2_clamp(n_features, 16, 64)
+    programs = n_domains * triton.cdiv(n_features, wide)
+    max_splits = triton.cdiv(n_rows, n_domains) // (4 * (tile // wide))
+    return max(1, min(triton.cdiv(2 * _min_programs(device), programs), max_splits, _MAX_ROW_SPLITS))
+
+
 def _device_ctx(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -137,6 +157,24 @@ def launch_train_forward(
     mean = torch.empty(n_domains, n_features, dtype=torch.float32, device=x.device)
     invstd = torch.empty_like(mean)
     if n_rows == 0:
+        return y, mean, invstd
+    splits = row_splits(n_rows, n_domains, n_features, x.device)
+    if splits > 1:
+        block_f = _pow2_clamp(n_features, 16, 64)
+        block_b = _TILE_ELEMENTS // block_f
+        grid = (n_domains, triton.cdiv(n_features, block_f), splits)
+        ws_s = torch.empty(splits, n_domains, n_features, dtype=torch.float32, device=x.device)
+        ws_q = torch.empty_like(ws_s)
+        with _device_ctx(x.device):
+            K.dsbn_split_stats_kernel[grid](
+                x, seg.perm, seg.starts, seg.counts, ws_s, ws_q, n_rows, n_features, x.stride(0), splits,
+                BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
+            )
+            K.dsbn_split_fwd_kernel[grid](
+                x, y, seg.perm, seg.starts, seg.counts, weight, bias, running_mean, running_var, mean, invstd,
+                ws_s, ws_q, n_rows, n_features, x.stride(0), y.stride(0), float(momentum), float(eps), splits,
+                BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
+            )
         return y, mean, invstd
     block_b, block_f = segment_blocks(n_rows, n_domains, n_features, x.device)
     grid = (n_domains, triton.cdiv(n_features, block_f))
@@ -193,6 +231,25 @@ def launch_backward(
         return dx, torch.zeros_like(weight), torch.zeros_like(weight, dtype=bias_dtype)
     dw = torch.empty_like(weight)
     db = torch.empty_like(weight, dtype=bias_dtype)
+    splits = row_splits(n_rows, n_domains, n_features, x.device, tile=_TILE_ELEMENTS_BWD)
+    if splits > 1:
+        block_f = _pow2_clamp(n_features, 16, 64)
+        block_b = _TILE_ELEMENTS_BWD // block_f
+        grid = (n_domains, triton.cdiv(n_features, block_f), splits)
+        ws_dy = torch.empty(splits, n_domains, n_features, dtype=torch.float32, device=x.device)
+        ws_dyx = torch.empty_like(ws_dy)
+        with _device_ctx(x.device):
+            K.dsbn_split_bwd_sums_kernel[grid](
+                x, dy, seg.perm, seg.starts, seg.counts, mean, invstd, ws_dy, ws_dyx,
+                n_features, x.stride(0), dy.stride(0), splits,
+                BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
+            )
+            K.dsbn_split_bwd_kernel[grid](
+                x, dy, dx, dw, db, seg.perm, seg.starts, seg.counts, weight, mean, invstd, ws_dy, ws_dyx,
+                n_features, x.stride(0), dy.stride(0), dx.stride(0), splits,
+                TRAINING=training, BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
+            )
+        return dx, dw, db
     block_b, block_f = segment_blocks(n_rows, n_domains, n_features, x.device, tile=_TILE_ELEMENTS_BWD)
     grid = (n_domains, triton.cdiv(n_features, block_f))
     with _device_ctx(x.device):

@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Atlas": "store",
+    "check": "store",
     "ingest": "store",
     "preprocess": "preprocess.pipeline",
     "fit": "api",

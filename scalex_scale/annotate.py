@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .model_identity import check_same_model
-from .store import Atlas
+from .store import Atlas, transaction
 from .store.errors import ScalexError
 from .transfer import TransferConfig, transfer_labels
 
@@ -130,6 +130,7 @@ def transfer(
     method: Method = "scalex",
     config: TransferConfig | None = None,
     seed: int = 0,
+    lock_timeout: float | None = None,
 ) -> TransferSummary:
     """Transfer ``obs[label_key]`` from reference cells to query cells in the latent space.
 
@@ -141,7 +142,8 @@ def transfer(
     label_key
         obs column holding the reference labels (and, when present on the query cells, their true labels).
     reference
-        A separate reference atlas (labelled, embedded with the model the query store was projected with).
+        A separate reference atlas (labelled, embedded with the model the query store was projected with), only
+        read. Default for a query store written by ``project --query-store``: the atlas it was projected against.
     reference_batches, query_batches
         Which batches are reference and query. One store: reference defaults to the batches the model was trained
         on, query to all others. Two stores: all batches of each.
@@ -158,18 +160,41 @@ def transfer(
     Writes ``obs['<label_key>_transfer']`` (empty for non-query cells) and ``obs['<label_key>_transfer_confidence']``
     (NaN for non-query cells) to ``store``.
     """
-    from .metrics import ari, f1_scores, nmi
-
     if method not in METHODS:
         raise ScalexError(f"unknown transfer method {method!r} (choose from {', '.join(METHODS)})")
-    target = Atlas.open(store, mode="r+")
-    if reference is None:
-        ref_atlas = target
+    if reference is not None and Path(reference).resolve() == Path(store).resolve():
+        raise ScalexError(f"{store}: --reference is the query store itself; drop --reference")
+    with transaction(store, "transfer", lock_timeout=lock_timeout) as txn:
+        if txn.is_new:
+            raise ScalexError(f"{store}: no such atlas")
+        target = txn.atlas
+        if reference is None:
+            reference = _recorded_reference(target)
+        # the reference atlas is only read (its last commit, read-only); only the query store is written
+        ref_atlas = target if reference is None else Atlas.open(reference)
+        return _transfer(target, ref_atlas, label_key, reference_batches, query_batches, method, config, seed)
+
+
+def _recorded_reference(target: Atlas) -> Path | None:
+    """The reference atlas a query store was projected against (``project --query-store`` records it), when the
+    store is such a query store and that atlas still exists."""
+    if "preprocess" in target.state:  # an atlas of its own: its batches are reference and query
+        return None
+    recorded = (target.state.get("reference") or {}).get("atlas")
+    if recorded and Path(recorded).exists():
+        return Path(recorded)
+    return None
+
+
+def _transfer(
+    target: Atlas, ref_atlas: Atlas, label_key: str, reference_batches: Sequence[str] | None,
+    query_batches: Sequence[str] | None, method: str, config: TransferConfig | None, seed: int,
+) -> TransferSummary:  # fmt: skip
+    from .metrics import ari, f1_scores, nmi
+
+    if ref_atlas is target:
         ref_b, query_b = split_batches(target, reference_batches, query_batches)
     else:
-        if Path(reference).resolve() == Path(store).resolve():
-            raise ScalexError(f"{store}: --reference is the query store itself; drop --reference")
-        ref_atlas = Atlas.open(reference)
         check_same_model((str(ref_atlas.path), ref_atlas.state), (str(target.path), target.state))
         _check_batches(ref_atlas, reference_batches)
         _check_batches(target, query_batches)

@@ -17,9 +17,8 @@ import numpy as np
 
 from .preprocess.pipeline import preprocess
 from .preprocess.state import PreprocessState
-from .model_identity import latent_model, model_identity
-from .store import Atlas, IngestReport, ingest
-from .store.errors import PreprocessError, ScalexError
+from .store import Atlas, IngestReport, ingest, transaction
+from .store.errors import ConflictError, PreprocessError, ScalexError
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +82,29 @@ def fit(
     TrainResult
     """
     from .nn import SCALEXModule
-    from .train import TrainConfig
+    from .train import TrainConfig, check_resumable
 
     config = config or TrainConfig()
     atlas = Atlas.open(store)
-    prep = _state(atlas)
-    state = _preprocess_state(prep)
-    source = atlas.training_matrix()
-    model_config = {
-        "domains": list(state.batches),
-        "var_names": [str(v) for v in atlas.var_names],
-        "atlas": str(Path(store).resolve()),
-        "train_config": config.to_dict(),
-    }
-    module = SCALEXModule(state.n_features, len(state.batches), seed=config.seed)
-    run = _fit_distributed if distributed else _fit_local
-    result = run(store, model_dir, module, source, config, prep, model_config, resume, sync_dsbn, checkpoint_iterations)
+    _state(atlas)
+    with atlas.pinned_training_matrix() as (source, snapshot):  # a re-preprocess meanwhile cannot change it
+        prep = snapshot.get("preprocess")
+        if prep is None:
+            raise PreprocessError(f"{atlas.path}: not preprocessed yet; run `scalex-scale preprocess {atlas.path}`")
+        state = _preprocess_state(prep)
+        model_config = {
+            "domains": list(state.batches),
+            "var_names": [str(v) for v in atlas.var_names],
+            "atlas": str(Path(store).resolve()),
+            "train_id": prep.get("train_id"),
+            "train_config": config.to_dict(),
+        }
+        if resume:
+            fingerprint = {k: model_config[k] for k in ("var_names", "domains", "train_id")}
+            check_resumable(model_dir, {**fingerprint, "batch_size": config.batch_size})
+        module = SCALEXModule(state.n_features, len(state.batches), seed=config.seed)
+        run = _fit_distributed if distributed else _fit_local
+        result = run(store, model_dir, module, source, config, prep, model_config, resume, sync_dsbn, checkpoint_iterations)
     return result
 
 
@@ -117,9 +123,14 @@ def _every(loader: Any, iterations: int):
     return lambda record: (record.epoch + 1) % epochs == 0
 
 
-def _record_model(store: str | Path, model_dir: str | Path, result: Any, world_size: int = 1) -> None:
+def _record_model(store: str | Path, model_dir: str | Path, result: Any, train_id: str | None, world_size: int = 1) -> None:
+    """Record the trained model in the atlas (a transaction), unless the atlas was re-preprocessed meanwhile."""
+    from .train import model_id
+
     model = {
         "directory": str(Path(model_dir).resolve()),
+        "model_id": model_id(model_dir),
+        "train_id": train_id,
         "n_iterations": result.n_iterations,
         "n_epochs": result.n_epochs,
         "best_epoch": result.best_epoch,
@@ -128,7 +139,14 @@ def _record_model(store: str | Path, model_dir: str | Path, result: Any, world_s
         "seconds": result.seconds,
         "world_size": world_size,
     }
-    Atlas.open(store, mode="r+").update_state("model", model)
+    with transaction(store, "fit") as txn:
+        current = (txn.atlas.state.get("preprocess") or {}).get("train_id")
+        if current != train_id:
+            raise ConflictError(
+                f"{store}: was preprocessed again while fit trained (training matrix {train_id} is now {current}); "
+                f"the model in {model_dir} is saved but does not match the atlas any more: run fit again"
+            )
+        txn.atlas.update_state("model", model)
 
 
 def _fit_local(store, model_dir, module, source, config, prep, model_config, resume, sync_dsbn, every):
@@ -147,9 +165,10 @@ def _fit_local(store, model_dir, module, source, config, prep, model_config, res
         save_checkpoint(model_dir, module, model_config=model_config, preprocess_state=prep, trainer_state=trainer_state)
 
     due = _every(loader, every)
-    result = trainer.fit(loader, start_state=start_state, on_epoch_end=lambda rec, tr: save(tr.state()) if due(rec) else None)
+    with loader:  # the loader's pipeline runs across epochs; stop it when fit returns
+        result = trainer.fit(loader, start_state=start_state, on_epoch_end=lambda rec, tr: save(tr.state()) if due(rec) else None)
     save(trainer.state())
-    _record_model(store, model_dir, result)
+    _record_model(store, model_dir, result, prep.get("train_id"))
     return result
 
 
@@ -182,11 +201,12 @@ def _fit_distributed(store, model_dir, module, source, config, prep, model_confi
             D.save_distributed_checkpoint(ctx, trainer, model_dir, model_config=model_config, preprocess_state=prep)
 
         due = _every(loader, every)
-        result = trainer.fit(loader, on_epoch_end=lambda rec, tr: save() if due(rec) else None)
+        with loader:  # the loader's pipeline runs across epochs; stop it when fit returns
+            result = trainer.fit(loader, on_epoch_end=lambda rec, tr: save() if due(rec) else None)
         D.sync_buffers(module, ctx)
         save()
         if ctx.is_main:
-            _record_model(store, model_dir, result, ctx.world_size)
+            _record_model(store, model_dir, result, prep.get("train_id"), ctx.world_size)
         D.barrier(ctx)
         return result
     finally:
@@ -204,39 +224,55 @@ def _load_model(model_dir: str | Path, device: str):
     return module, model_config, prep, _preprocess_state(prep), dev
 
 
-def _check_genes(atlas: Atlas, model_config: dict[str, Any], model_dir: str | Path) -> None:
+def _check_genes(atlas: Atlas, model_config: dict[str, Any], model_dir: str | Path, *, projecting: bool = False) -> None:
     names = model_config.get("var_names")
     if names is not None and list(map(str, atlas.var_names)) != names:
+        hint = (
+            "project into the atlas the model was trained on, or into a separate --query-store"
+            if projecting
+            else "use `scalex-scale project` to align new data to the model"
+        )
         raise ScalexError(
-            f"{atlas.path}: genes differ from those the model in {model_dir} was trained on; "
-            "use `scalex-scale project` to align new data to the model"
+            f"{atlas.path}: its {atlas.n_vars:,} genes differ from the {len(names):,} the model in {model_dir} was "
+            f"trained on (the model belongs to another atlas); {hint}"
         )
 
 
-def embed(store: str | Path, model_dir: str | Path, *, device: str = "auto", key: str = "latent") -> int:
+def _latent_record(model_dir: str | Path, model_config: dict[str, Any], n: int) -> dict[str, Any]:
+    from .train import model_id
+
+    return {
+        "directory": str(Path(model_dir).resolve()),
+        "model_id": model_id(model_dir),
+        "train_id": model_config.get("train_id"),
+        "n_embedded": n,
+    }
+
+
+def embed(
+    store: str | Path, model_dir: str | Path, *, device: str = "auto", key: str = "latent", lock_timeout: float | None = None
+) -> int:
     """Write ``obsm[key]`` (encoder mean, float32, n_cells x 10) for every cell, in the atlas' cell order.
 
     Cells failing QC get NaN (see ``obs['scalex_qc_pass']``). Streams row ranges: memory does not grow with cells.
-    Returns the number of cells embedded.
+    One transaction: the atlas gets the whole new ``obsm[key]`` (and the record of the model that wrote it) or
+    nothing. Returns the number of cells embedded.
     """
     from .embedding import embed_rows, maxabs_rows
 
     module, model_config, prep, state, dev = _load_model(model_dir, device)
-    atlas = Atlas.open(store, mode="r+")
-    _check_genes(atlas, model_config, model_dir)
-    maxabs = maxabs_rows(atlas, state, atlas.state.get("projection", {}).get("maxabs"))
-    writer = atlas.new_obsm_writer(key, module.n_latent)
-    n = embed_rows(atlas, module, state, maxabs, writer, device=dev, n_workers=_n_workers())
-    atlas.publish_obsm(key)
-    _record_latent_model(atlas, key, model_identity(model_dir))
+    with transaction(store, "embed", lock_timeout=lock_timeout) as txn:
+        if txn.is_new:
+            raise ScalexError(f"{store}: no such atlas")
+        atlas = txn.atlas
+        _check_genes(atlas, model_config, model_dir)
+        maxabs = maxabs_rows(atlas, state, atlas.state.get("projection", {}).get("maxabs"))
+        writer = atlas.obsm_writer(key, module.n_latent)
+        n = embed_rows(atlas, module, state, maxabs, writer, device=dev, n_workers=_n_workers())
+        obsm = dict(atlas.state.get("obsm") or {})
+        obsm[key] = _latent_record(model_dir, model_config, n)
+        atlas.update_state("obsm", obsm)
     return n
-
-
-def _record_latent_model(atlas: Atlas, key: str, identity: dict[str, str]) -> None:
-    """Remember which model wrote ``obsm[key]`` (checked by ``transfer --reference``)."""
-    from .model_identity import STATE_SECTION
-
-    atlas.update_state(STATE_SECTION, {**(atlas.state.get(STATE_SECTION) or {}), key: identity})
 
 
 # ---------------------------------------------------------------------------------------------- integrate
@@ -299,60 +335,75 @@ def project(
     batch_names: Sequence[str] | None = None,
     query_store: str | Path | None = None,
     device: str = "auto",
+    allow_duplicates: bool = False,
+    lock_timeout: float | None = None,
 ) -> ProjectReport:
     """Embed new data with the frozen encoder and append it to the atlas as new batches.
 
     New data are aligned to the model's genes (missing ones zero-filled and reported, extra ones dropped),
     filtered and normalized with the stored state, scaled with their own per-batch MaxAbs, and embedded; no
     retraining, no new feature selection. With ``query_store`` they go to a separate atlas instead.
+
+    One transaction (align + append + embed): a failed or interrupted ``project`` leaves nothing behind, so
+    re-running it is safe; cells already projected (same names in the same batch, or the same source) are refused
+    unless ``allow_duplicates``.
     """
     from .embedding import compute_maxabs, embed_rows, maxabs_rows
+    from .store import AppendOptions, append
     from .store.readers import open_input
 
     module, model_config, prep, state, dev = _load_model(model_dir, device)
-    if query_store is not None:
-        target = Path(query_store)
-        if not target.exists():
-            var_names = model_config.get("var_names")
-            if var_names is None:
-                raise ScalexError(f"{model_dir}: checkpoint lacks the atlas gene list needed for a query store")
-            import pandas as pd
-
-            Atlas.create(target.with_name(f".{target.name}.new"), pd.Index(var_names))
-            os.replace(target.with_name(f".{target.name}.new"), target)
-    else:
-        target = Path(store)
-    atlas = Atlas.open(target, mode="r+")
-    _check_genes(atlas, model_config, model_dir)
-    identity = model_identity(model_dir)
-    before = latent_model(atlas.state)
-    if atlas.n_obs and before is not None and before.get("id", identity["id"]) != identity["id"]:
-        raise ScalexError(
-            f"{target}: its obsm['latent'] was written by the model in {before['directory']} (id {before['id']}), not by "
-            f"{model_dir} (id {identity['id']}); projecting would mix two latent spaces: use --query-store"
-        )
-    existing = set(atlas.batch_categories)
+    target = Path(query_store) if query_store is not None else Path(store)
     sources = [open_input(obj, i) for i, obj in enumerate(inputs)]
-    n0 = atlas.n_obs
-    report = ingest(target, sources, batch_key=batch_key, batch_names=batch_names)
-    clash = existing & set(report.batches_added)
-    if clash:
-        log.warning("batches %s already existed in %s; their new cells are scaled with their own MaxAbs", sorted(clash), target)
-    atlas = Atlas.open(target, mode="r+")
-    new_batches = list(report.batches_added)
-    extra = compute_maxabs(atlas, state, (n0, atlas.n_obs), new_batches, _n_workers())
-    projection = atlas.state.get("projection") or {"maxabs": {}}
-    projection["maxabs"].update(extra)
-    atlas.update_state("projection", projection)
-    maxabs = maxabs_rows(atlas, state, projection["maxabs"]) if state.scale != "global" else np.asarray([extra["__all__"]], dtype=np.float32)
-    if "latent" not in atlas.obsm_keys():
-        writer = atlas.new_obsm_writer("latent", module.n_latent)
-        writer[:] = np.full(writer.shape, np.nan, dtype=np.float32)
-        atlas.publish_obsm("latent")
-    latent = atlas.root["obsm"]["latent"]
-    n = embed_rows(atlas, module, state, maxabs, latent, rows=(n0, atlas.n_obs), device=dev, n_workers=_n_workers())
-    _record_latent_model(atlas, "latent", identity)
-    qc = np.isfinite(latent[n0 : atlas.n_obs, 0])
-    old = atlas.obs["scalex_qc_pass"].to_numpy(dtype=bool, na_value=False)[:n0] if "scalex_qc_pass" in atlas.obs else np.zeros(n0, bool)
-    atlas.write_obs_columns({"scalex_qc_pass": np.concatenate([old, qc])})
+    try:
+        with transaction(target, "project", lock_timeout=lock_timeout) as txn:
+            if txn.is_new:
+                if query_store is None:
+                    raise ScalexError(f"{store}: no such atlas")
+                var_names = model_config.get("var_names")
+                if var_names is None:
+                    raise ScalexError(f"{model_dir}: checkpoint lacks the atlas gene list needed for a query store")
+                atlas = txn.create(var_names)
+                atlas.update_state("reference", {"atlas": str(Path(store).resolve()), "model": str(Path(model_dir).resolve())})
+            else:
+                atlas = txn.atlas
+            _check_genes(atlas, model_config, model_dir, projecting=True)
+            existing = set(atlas.batch_categories)
+            options = AppendOptions(batch_key, batch_names, allow_duplicates=allow_duplicates, record="projection")
+            report = append(atlas, sources, options)
+            n0, n1 = report.n_rows_before, atlas.n_obs
+            clash = existing & set(report.batches_added)
+            if clash:
+                log.warning("batches %s already existed in %s; their new cells are scaled with their own MaxAbs", sorted(clash), target)
+            new_batches = list(report.batches_added)
+            extra = compute_maxabs(atlas, state, (n0, n1), new_batches, _n_workers())
+            projection = atlas.state.get("projection") or {}
+            projection.setdefault("maxabs", {}).update(extra)
+            atlas.update_state("projection", projection)
+            if state.scale != "global":
+                maxabs = maxabs_rows(atlas, state, projection["maxabs"])
+            else:
+                maxabs = np.asarray([extra["__all__"]], dtype=np.float32)
+            if "latent" not in atlas.obsm_keys():
+                writer = atlas.obsm_writer("latent", module.n_latent)
+                writer[:] = np.full(writer.shape, np.nan, dtype=np.float32)
+            latent = atlas.root["obsm"]["latent"]
+            n = embed_rows(atlas, module, state, maxabs, latent, rows=(n0, n1), device=dev, n_workers=_n_workers())
+            qc = np.isfinite(latent[n0:n1, 0])
+            prev = atlas.obs["scalex_qc_pass"].to_numpy(dtype=bool, na_value=False)[:n0] if "scalex_qc_pass" in atlas.obs else np.zeros(n0, bool)
+            atlas.write_obs_columns({"scalex_qc_pass": np.concatenate([prev, qc])})
+            obsm = dict(atlas.state.get("obsm") or {})
+            record = obsm.get("latent") or _latent_record(model_dir, model_config, 0)
+            mine = _latent_record(model_dir, model_config, 0)["model_id"]
+            if record.get("model_id") and mine and record["model_id"] != mine:
+                raise ScalexError(
+                    f"{target}: obsm['latent'] was written by another model ({record.get('directory')}); embed the "
+                    f"atlas with this one first (`scalex-scale embed {target} {model_dir}`) or project with that model"
+                )
+            record["n_embedded"] = int(record.get("n_embedded", 0)) + n
+            obsm["latent"] = record
+            atlas.update_state("obsm", obsm)
+    finally:
+        for src in sources:
+            src.close()
     return ProjectReport(str(target), report.batches_added, n, report.genes_missing, report.genes_dropped)

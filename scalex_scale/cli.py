@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -83,14 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Out-of-core single-cell data integration with SCALEX on Zarr atlases.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument(
+        "--no-wait", action="store_true",
+        help="fail at once when another process is writing the atlas (default: wait for it)",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="create an atlas from inputs, or append them as new batches")
     p.add_argument("store")
-    p.add_argument("inputs", nargs="+", help=".h5ad, .h5 (10x), AnnData .zarr, or 10x MTX directories")
+    p.add_argument("inputs", nargs="+", help=".h5ad, .h5 (10x), AnnData .zarr, 10x MTX directories, or TileDB-SOMA experiments")
     _add_batch_args(p)
     p.add_argument("--join", choices=["inner", "outer"], default="inner", help="gene join of a new atlas")
     p.add_argument("--profile", choices=["RNA", "ATAC"], default="RNA")
+    p.add_argument("--allow-duplicates", action="store_true",
+                   help="add cells already in the atlas (same names in the same batch, or the same file)")
+    soma = p.add_argument_group("TileDB-SOMA inputs (CELLxGENE Census; needs pip install \"scalex-scale[soma]\")")
+    soma.add_argument("--measurement", default=None, help="measurement to read (default: RNA)")
+    soma.add_argument("--layer", default=None, help="X layer with the raw counts (default: raw)")
+    soma.add_argument("--obs-filter", default=None, help="tiledbsoma value_filter on obs, e.g. \"tissue_general == 'blood'\"")
+
+    p = sub.add_parser("check", help="verify every invariant of an atlas (and --repair what is safe to repair)")
+    p.add_argument("store")
+    p.add_argument("--repair", action="store_true",
+                   help="finish an interrupted commit, remove orphaned temporaries, rewrite stale metadata")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("info", help="summarise an atlas")
     p.add_argument("store")
@@ -129,11 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_args(p)
     p.add_argument("--query-store", default=None, help="write the query to this separate atlas instead")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--allow-duplicates", action="store_true", help="project cells already in the atlas again")
 
     p = sub.add_parser("transfer", help="transfer labels from reference to query cells in the latent space")
     p.add_argument("store", help="the atlas, or (with --reference) a query store written by project --query-store")
     p.add_argument("--label-key", required=True)
-    p.add_argument("--reference", default=None, help="a separate reference atlas (same model as the query store)")
+    p.add_argument("--reference", default=None,
+                   help="a separate reference atlas (same model; default for a --query-store: the atlas it was projected on)")
     p.add_argument("--reference-batches", type=_csv, default=None)
     p.add_argument("--query-batches", type=_csv, default=None)
     p.add_argument("--method", choices=["scalex", "knn5"], default="scalex",
@@ -169,8 +189,13 @@ def run(args: argparse.Namespace) -> int:
     from . import api
 
     cmd = args.command
+    wait = 0 if args.no_wait else None
     if cmd == "ingest":
-        report = api.ingest(args.store, args.inputs, batch_key=args.batch_key, batch_names=args.batch_names, join=args.join, profile=args.profile)
+        report = api.ingest(
+            args.store, args.inputs, batch_key=args.batch_key, batch_names=args.batch_names, join=args.join,
+            profile=args.profile, allow_duplicates=args.allow_duplicates, lock_timeout=wait,
+            measurement=args.measurement, layer=args.layer, obs_filter=args.obs_filter,
+        )  # fmt: skip
         print(f"ingested {report.n_cells_added:,} cells into {report.path} ({report.n_genes:,} genes)")
         for b, n in report.batches_added.items():
             print(f"  batch {b}: {n:,} cells")
@@ -179,6 +204,15 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {name}: {n:,} atlas genes missing (zero-filled); {report.genes_dropped[name]:,} extra genes dropped")
         if report.cells_renamed:
             print(f"  {report.cells_renamed:,} clashing cell names made unique")
+    elif cmd == "check":
+        from .store import check
+
+        report = check(args.store, repair=args.repair)
+        if args.json:
+            _print_json(report.to_dict())
+        else:
+            print(report.summary())
+        return 0 if report.ok else 1
     elif cmd == "info":
         from .store import Atlas
 
@@ -188,14 +222,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(atlas.summary())
     elif cmd == "preprocess":
-        state = api.preprocess(args.store, seed=args.seed, **_preprocess_kwargs(args))
+        state = api.preprocess(args.store, seed=args.seed, lock_timeout=wait, **_preprocess_kwargs(args))
         print(f"preprocessed {args.store}: {state.n_cells_kept:,} training cells x {state.n_features:,} features")
     elif cmd == "fit":
         result = api.fit(args.store, args.model_dir, _train_config(args), resume=args.resume, distributed=args.distributed, sync_dsbn=args.sync_dsbn)
         if result is not None:
             print(f"trained {result.n_iterations:,} iterations in {result.seconds:.1f} s; model in {args.model_dir}")
     elif cmd == "embed":
-        api.embed(args.store, args.model_dir, device=args.device)
+        api.embed(args.store, args.model_dir, device=args.device, lock_timeout=wait)
         print(f"wrote obsm['latent'] to {args.store}")
     elif cmd == "integrate":
         out = api.integrate(
@@ -204,7 +238,11 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"atlas: {out.atlas}\nmodel: {out.model_dir}")
     elif cmd == "project":
-        report = api.project(args.store, args.model_dir, args.inputs, batch_key=args.batch_key, batch_names=args.batch_names, query_store=args.query_store, device=args.device)
+        report = api.project(
+            args.store, args.model_dir, args.inputs, batch_key=args.batch_key, batch_names=args.batch_names,
+            query_store=args.query_store, device=args.device, allow_duplicates=args.allow_duplicates,
+            lock_timeout=wait,
+        )  # fmt: skip
         print(report.summary())
     elif cmd == "transfer":
         from .transfer import TransferConfig
@@ -212,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         config = TransferConfig(k=args.k, min_vote_fraction=args.min_vote_fraction, novelty=not args.no_novelty)
         summary = api.transfer(
             args.store, args.label_key, reference=args.reference, reference_batches=args.reference_batches,
-            query_batches=args.query_batches, method=args.method, config=config,
+            query_batches=args.query_batches, method=args.method, config=config, lock_timeout=wait,
         )  # fmt: skip
         print(summary.summary())
         if args.out:
@@ -234,7 +272,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except ScalexError as err:
+        if args.debug:
+            raise
         print(f"scalex-scale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"scalex-scale {args.command}: interrupted; nothing was committed by the interrupted step", file=sys.stderr)
+        return 130
+    except OSError as err:
+        if args.debug:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        hint = "free some space and run it again" if err.errno == errno.ENOSPC else "check the path and its permissions"
+        print(f"scalex-scale {args.command}: error: {err.strerror or err}{where}; atlases are unchanged: {hint}", file=sys.stderr)
         return 2
 
 

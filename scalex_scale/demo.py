@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ScalexError
+
 
 def _say(step: int, text: str, t0: float) -> None:
     print(f"[{step}/7 {time.perf_counter() - t0:6.1f}s] {text}", flush=True)
@@ -28,7 +30,7 @@ def run_demo(outdir: str | Path = "scalex_demo", *, n_cells: int = 6000, max_ite
     out = Path(outdir)
     if out.exists():
         if not (out / "demo.txt").exists():
-            raise FileExistsError(f"{out} exists and is not an earlier demo; choose another --outdir")
+            raise ScalexError(f"{out}: exists and is not an earlier demo (no demo.txt), so it is left alone; choose another --outdir")
         shutil.rmtree(out)
     (out / "inputs").mkdir(parents=True)
     (out / "demo.txt").write_text("scalex-scale demo output\n")

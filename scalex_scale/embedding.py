@@ -57,7 +57,7 @@ def compute_maxabs(atlas: Atlas, state: PreprocessState, rows: tuple[int, int], 
     for code, g in groups.items():
         lut[code] = g
     n_groups = 1 if state.scale == "global" else len(batches)
-    runner = DaskRunner(str(atlas.path), _ranges(atlas, *rows), lut[codes], n_workers=n_workers)
+    runner = DaskRunner(str(atlas.directory), _ranges(atlas, *rows), lut[codes], n_workers=n_workers)
     acc, _ = runner.fold(
         lambda x, c, into: maxabs_chunk(x, c, state, n_groups, into=into),
         lambda: MaxAbsStats.empty(n_groups, state.n_features),
@@ -89,16 +89,25 @@ def embed_rows(
 ) -> int:
     """Write ``mu`` of atlas rows ``[start, stop)`` into ``target`` (NaN for cells failing QC).
 
-    Returns the number of cells embedded. Memory: a few row ranges at a time.
+    Reading + transforming (dask, ``n_workers``), densifying, copying and encoding overlap
+    (:func:`scalex_scale.encode_pipeline.encode_chunks`; the same blocks as :func:`encode`, so the
+    same result). Returns the number of cells embedded. Memory: a few row ranges at a time.
     """
+    from .encode_pipeline import encode_chunks
+
     start, stop = rows if rows is not None else (0, atlas.n_obs)
     codes = atlas.batch_codes
-    runner = DaskRunner(str(atlas.path), _ranges(atlas, start, stop), codes, n_workers=n_workers)
-    n = 0
+    runner = DaskRunner(str(atlas.directory), _ranges(atlas, start, stop), codes, n_workers=n_workers)
     results = runner.map_ordered(lambda x, c: transform_chunk(x, c, state, maxabs=maxabs))
-    for (a, b), (values, mask) in zip(runner.ranges, results, strict=True):
+
+    def chunks():
+        for (a, b), (values, mask) in zip(runner.ranges, results, strict=True):
+            yield (a, b, mask), values
+
+    n = 0
+    for (a, b, mask), mu in encode_chunks(module, chunks(), device, block=ENCODE_BLOCK, threads=max(1, min(4, n_workers))):
         out = np.full((b - a, module.n_latent), np.nan, dtype=np.float32)
-        out[mask] = encode(module, values, device)
+        out[mask] = mu
         target[a:b] = out
         n += int(mask.sum())
     return n

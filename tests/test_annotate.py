@@ -12,7 +12,7 @@ import torch
 from scalex_scale import api
 from scalex_scale.cli import main
 from scalex_scale.datasets import SyntheticConfig, make_synthetic
-from scalex_scale.store import Atlas
+from scalex_scale.store import Atlas, transaction
 from scalex_scale.store.errors import ScalexError
 from scalex_scale.train import TrainConfig
 from scalex_scale.transfer import knn_classifier_transfer
@@ -73,8 +73,8 @@ def test_query_store_from_another_model_is_refused(setup, tmp_path):
         api.transfer(other, "celltype", reference=out.atlas)
     assert "other_model" in str(err.value) and str(out.model_dir) in str(err.value)
     # projecting into an atlas whose latent another model wrote would mix two latent spaces
-    with pytest.raises(ScalexError, match="mix two latent spaces"):
-        api.project(other, out.model_dir, [query], batch_key="batch", batch_names=None)
+    with pytest.raises(ScalexError, match="written by another model"):
+        api.project(other, out.model_dir, [query], batch_key="batch", allow_duplicates=True)
 
 
 def test_query_store_without_a_model_record_is_refused(setup, tmp_path):
@@ -83,8 +83,8 @@ def test_query_store_without_a_model_record_is_refused(setup, tmp_path):
     root, out, _ = setup
     qs = tmp_path / "q.zarr"
     shutil.copytree(root / "q.zarr", qs)
-    atlas = Atlas.open(qs, mode="r+")
-    atlas.update_state("embedding", None)
+    with transaction(qs, "test") as txn:
+        txn.atlas.update_state("obsm", None)
     with pytest.raises(ScalexError, match="no record of the model"):
         api.transfer(qs, "celltype", reference=out.atlas)
 
@@ -125,6 +125,12 @@ def test_cli_transfer_reference_and_json(setup, tmp_path, capsys):
     assert set(report) >= {"counts", "confusion", "unassigned_by_predicted", "metrics", "n_query", "reference"}
     for row in report["unassigned_by_predicted"].values():
         assert 0.0 <= row["rate"] <= 1.0
-    # a query store without the reference: a clear error, not a crash
+    # a query store without --reference: the atlas it was projected against (recorded by project)
+    assert main(["transfer", str(qs), "--label-key", "celltype", "--out", str(js), "--k", "15"]) == 0
+    assert json.loads(js.read_text())["reference"] == str(out.atlas.resolve())
+    assert json.loads(js.read_text())["counts"] == report["counts"]
+    # ... and when that atlas is gone: a clear error, not a crash
+    with transaction(qs, "test") as txn:
+        txn.atlas.update_state("reference", {"atlas": str(tmp_path / "gone.zarr")})
     assert main(["transfer", str(qs), "--label-key", "celltype"]) == 2
     assert "no query batches" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import torch
 from scalex_scale import api
 from scalex_scale.cli import main
 from scalex_scale.datasets import SyntheticConfig, make_synthetic
+from scalex_scale.errors import ScalexError
 from scalex_scale.store import Atlas
 from scalex_scale.train import TrainConfig
 from scalex_scale.transfer import TransferConfig
@@ -30,7 +31,7 @@ def one_thread():
 
 
 def _train(max_iterations: int = 60) -> TrainConfig:
-    return TrainConfig(max_iterations=max_iterations, progress=False, seed=1)
+    return TrainConfig(max_iterations=max_iterations, progress=False, seed=1, device="cpu")  # stated: see the embed test
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,7 @@ def test_integrate_writes_latent_for_every_cell(trained):
 
 
 def test_embed_is_reproducible_from_checkpoint(trained):
+    """Trained and embedded on the CPU (``_train``'s device), embedded again on the CPU: bit identical."""
     _, out, _, _ = trained
     first = ad.read_zarr(out.atlas).obsm["latent"].copy()
     api.embed(out.atlas, out.model_dir, device="cpu")
@@ -75,7 +77,7 @@ def test_project_appends_new_batch_without_retraining(trained, tmp_path):
     before = ad.read_zarr(atlas)
     q = query.copy()
     q = q[:, q.var_names[::-1]].copy()  # different gene order: aligned by name
-    report = api.project(atlas, out.model_dir, [q], batch_key="batch")
+    report = api.project(atlas, out.model_dir, [q], batch_key="batch", device="cpu")
     after = ad.read_zarr(atlas)
     assert after.n_obs == ref.n_obs + query.n_obs
     assert report.batches == {str(query.obs["batch"].iloc[0]): query.n_obs}
@@ -85,7 +87,7 @@ def test_project_appends_new_batch_without_retraining(trained, tmp_path):
     assert qc.sum() == report.n_embedded > 0 and np.isfinite(new[qc]).all()
     assert (out.model_dir / "model.safetensors").read_bytes() == weights  # frozen model
     # separate query store: same embedding as appending
-    report2 = api.project(out.atlas, out.model_dir, [query], batch_key="batch", query_store=tmp_path / "q.zarr")
+    report2 = api.project(out.atlas, out.model_dir, [query], batch_key="batch", query_store=tmp_path / "q.zarr", device="cpu")
     qa = ad.read_zarr(tmp_path / "q.zarr")
     np.testing.assert_allclose(qa.obsm["latent"], new, rtol=1e-5, atol=1e-5, equal_nan=True)
     assert report2.n_embedded == report.n_embedded
@@ -95,7 +97,7 @@ def test_project_appends_new_batch_without_retraining(trained, tmp_path):
 def test_project_reports_missing_genes(trained, tmp_path):
     _, out, _, query = trained
     q = query[:, query.var_names[50:]].copy()
-    report = api.project(out.atlas, out.model_dir, [q], batch_key="batch", query_store=tmp_path / "q.zarr")
+    report = api.project(out.atlas, out.model_dir, [q], batch_key="batch", query_store=tmp_path / "q.zarr", device="cpu")
     assert list(report.genes_missing.values()) == [50]
 
 
@@ -153,7 +155,7 @@ def test_transfer_and_evaluate(trained, tmp_path):
     _, out, ref, query = trained
     atlas = tmp_path / "atlas.zarr"
     shutil.copytree(out.atlas, atlas)
-    api.project(atlas, out.model_dir, [query], batch_key="batch")
+    api.project(atlas, out.model_dir, [query], batch_key="batch", device="cpu")
     qname = str(query.obs["batch"].iloc[0])
     summary = api.transfer(atlas, "celltype", config=TransferConfig(k=10))
     a = ad.read_zarr(atlas)
@@ -200,3 +202,46 @@ def test_cli_train_options_reach_the_config():
     cfg = _train_config(args)
     assert cfg.patience == 50 and cfg.max_iterations == 7
     assert _train_config(build_parser().parse_args(["fit", "a.zarr", "model"])).patience == TrainConfig().patience
+def test_project_is_one_transaction_and_refuses_duplicates(trained, tmp_path):
+    import shutil
+
+    from scalex_scale.store import DuplicateError
+    from scalex_scale.store.txn import temporaries
+
+    _, out, ref, query = trained
+    atlas = tmp_path / "atlas.zarr"
+    shutil.copytree(out.atlas, atlas)
+    before = sorted((p.relative_to(atlas), p.read_bytes()) for p in atlas.rglob("*") if p.is_file())
+    # a model of another atlas (other genes) fails before anything lands, and every retry too
+    other = tmp_path / "other.zarr"
+    api.ingest(other, [query[:, query.var_names[:400]].copy()], batch_key="batch")
+    for _ in range(2):
+        with pytest.raises(ScalexError, match="belongs to another atlas"):
+            api.project(other, out.model_dir, [query], batch_key="batch")
+    assert ad.read_zarr(other).n_obs == query.n_obs
+    q = tmp_path / "q.h5ad"
+    query.write_h5ad(q)
+    api.project(atlas, out.model_dir, [q], batch_key="batch")
+    with pytest.raises(DuplicateError, match="already in batch"):
+        api.project(atlas, out.model_dir, [query], batch_key="batch")  # in memory: the same cells
+    with pytest.raises(DuplicateError, match="same file was already added"):
+        api.project(atlas, out.model_dir, [q], batch_names=["again"])
+    assert Atlas.open(atlas).n_obs == ref.n_obs + query.n_obs
+    api.project(atlas, out.model_dir, [q], batch_names=["again"], allow_duplicates=True)
+    assert Atlas.open(atlas).n_obs == ref.n_obs + 2 * query.n_obs
+    assert not temporaries(atlas) and before  # nothing left beside it
+
+
+def test_resume_refuses_a_checkpoint_of_other_data_or_batch_size(trained, tmp_path):
+    import shutil
+
+    _, out, ref, _ = trained
+    model = tmp_path / "m"
+    shutil.copytree(out.model_dir, model)
+    with pytest.raises(ScalexError, match="another batch size"):
+        api.fit(out.atlas, model, TrainConfig(max_iterations=60, batch_size=32, progress=False, seed=1), resume=True)
+    other = tmp_path / "other.zarr"
+    api.ingest(other, [ref], batch_key="batch")
+    api.preprocess(other, min_features=100, n_top_features=300, seed=5)  # same data, another training matrix
+    with pytest.raises(ScalexError, match="another training matrix"):
+        api.fit(other, model, _train(), resume=True)

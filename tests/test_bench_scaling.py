@@ -1,29 +1,194 @@
-"""bench/run_scaling.py runs at a tiny size and writes well-formed output (not timed here)."""
+"""bench/run_scaling.py runs at a tiny size and writes well-formed output (not timed here); its report logic
+(pipelines, ratios, checks past 1M cells, merging) on hand-made rows; bench/project_100m.py's arithmetic."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import _scaling_report as report  # noqa: E402
+from _peers import PEER_PY, availability  # noqa: E402
+
+TINY = ["--max-iterations", "20", "--n-genes", "1200", "--genes-per-cell", "700", "--n-batches", "3", "--min-features", "200",
+        "--device", "cpu"]  # fmt: skip
+ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+
+
+def _run(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "bench" / "run_scaling.py"), *TINY, "--workdir", str(tmp_path / "work"),
+           "--out", str(tmp_path / "out"), *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**ENV, **(env or {})})
 
 
 def test_run_scaling_tiny(tmp_path):
-    cmd = [sys.executable, str(REPO / "bench" / "run_scaling.py"), "--sizes", "1500", "--max-iterations", "20",
-           "--n-genes", "1200", "--genes-per-cell", "700", "--n-batches", "3", "--min-features", "200",
-           "--device", "cpu", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    proc = _run(tmp_path, "--sizes", "1500")
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((tmp_path / "out" / "scaling.json").read_text())
     assert payload["machine"]["cpu_cores"] and payload["versions"]["torch"]
     stages = {r["stage"]: r for r in payload["results"]}
-    assert list(stages) == ["ingest", "preprocess", "fit", "embed", "transfer", "evaluate"]
-    for r in stages.values():
+    assert list(stages) == ["ingest", "preprocess", "fit", "embed", "transfer", "evaluate", "quality"]
+    for name in report.PIPELINE + ("transfer", "evaluate"):
+        r = stages[name]
         assert r["status"] == "ok" and r["wall_s"] > 0 and r["peak_rss_mb"] > 0 and r["n_cells"] == 1500
+        assert r["store_disk_bytes"] > 0 and r["ingest_source"] == "synthetic"
     assert stages["fit"]["iterations"] == 20
+    q = stages["quality"]
+    assert q["status"] == "ok" and 0 < q["n_scored"] <= 1500 and q["dim"] == 10
+    assert 0 <= q["batch_mixing"] <= math.log(2) + 1e-6 and -1 <= q["silhouette"] <= 1
     rows = list(csv.DictReader((tmp_path / "out" / "scaling.csv").open()))
-    assert len(rows) == 6 and {r["stage"] for r in rows} == set(stages)
+    assert len(rows) == 7 and {r["stage"] for r in rows} == set(stages)
+    (curve,) = payload["curves"]
+    assert curve["status"] == "ok" and curve["silhouette"] == q["silhouette"] and curve["store_gb_per_million_cells"] > 0
     assert "[" in proc.stderr and "fit" in proc.stderr  # progress output
+    assert "scalex-scale" in (tmp_path / "out" / "scaling_summary.md").read_text()
+
+
+def test_run_scaling_ingest_from_h5ad_only(tmp_path):
+    """--stages ingest --ingest-from h5ad: the .h5ad is written (not timed as ours) and `scalex-scale ingest` timed."""
+    proc = _run(tmp_path, "--sizes", "1200", "--stages", "ingest", "--ingest-from", "h5ad")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "scaling.json").read_text())["results"]
+    assert [(r["tool"], r["stage"]) for r in rows] == [("input", "write_h5ad"), ("scalex-scale", "ingest_h5ad")]
+    w, ing = rows
+    assert w["status"] == ing["status"] == "ok" and ing["cells"] == 1200 and ing["input_bytes"] == w["file_bytes"] > 0
+    assert ing["peak_rss_mb"] > 0 and ing["store_disk_bytes"] > 0
+    assert not (tmp_path / "work" / "data_1200.h5ad").exists()  # removed without --keep
+
+
+def test_missing_peer_venv_is_recorded_not_fatal(tmp_path):
+    proc = _run(tmp_path, "--sizes", "1000,2000", "--tools", "scvi,harmony",
+                env={"SCALEX_BENCH_PEER_PY": str(tmp_path / "nowhere" / "python")})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "scaling.json").read_text())["results"]
+    assert {(r["tool"], r["n_cells"]) for r in rows} == {(t, n) for t in ("scvi", "harmony") for n in (1000, 2000)}
+    for r in rows:
+        assert r["status"] == "tool_unavailable" and "make_peer_env.sh" in r["error"]
+    assert "tool_unavailable" in (tmp_path / "out" / "scaling_summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_run_scaling_with_peers_tiny(tmp_path):
+    """All four tools end to end at a tiny size (skipped where the peer venv is not built, e.g. in CI)."""
+    why = availability("scvi") or availability("harmony")
+    if why:
+        pytest.skip(f"peer tools unavailable: {why}")
+    proc = _run(tmp_path, "--sizes", "1500", "--tools", "scalex-scale,scvi,harmony", "--pipeline-only", "--n-genes", "3000",
+                "--scvi-max-epochs", "2", "--ingest-from", "h5ad")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    by = {(r["tool"], r["stage"]): r for r in payload["results"]}
+    for tool, stages in (("scvi", ("load", "preprocess", "train", "embed")), ("harmony", ("load", "preprocess", "pca", "harmony", "embed"))):
+        for s in stages:
+            assert by[(tool, s)]["status"] == "ok" and by[(tool, s)]["peak_rss_mb"] > 0, (tool, s)
+        total = by[(tool, "total")]
+        assert total["status"] == "ok" and total["wall_s"] >= sum(by[(tool, s)]["wall_s"] for s in stages)
+        assert total["hvg_overlap_with_ours"] == 1.0  # the same 2,000 genes as our preprocessing
+        assert by[(tool, "quality")]["status"] == "ok" and by[(tool, "quality")]["dim"] == (10 if tool == "scvi" else 50)
+    assert by[("scvi", "train")]["epochs"] == 2
+    (summary,) = payload["summary"]
+    assert summary["ingest_source"] == "h5ad" and summary["scvi_time_ratio"] > 0 and summary["harmony_memory_ratio"] > 0
+    assert set(payload["notes"]) == {"scvi", "harmony"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report logic on hand-made rows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ours(tool: str, n: int, wall: dict, rss: dict, source: str = "synthetic", disk: float | None = None) -> list[dict]:
+    return [{"tool": tool, "n_cells": n, "stage": s, "status": "ok", "wall_s": wall[s], "peak_rss_mb": rss[s],
+             "ingest_source": source, **({"store_disk_bytes": disk} if disk else {})} for s in wall]  # fmt: skip
+
+
+def test_pipeline_summary_and_ratios():
+    wall = {"ingest": 10.0, "ingest_h5ad": 4.0, "preprocess": 5.0, "fit": 100.0, "embed": 5.0}
+    rss = {"ingest": 900.0, "ingest_h5ad": 700.0, "preprocess": 800.0, "fit": 1000.0, "embed": 600.0}
+    rows = _ours("scalex-scale", 1000, wall, rss, source="h5ad")
+    rows += [{"tool": "scvi", "n_cells": 1000, "stage": "total", "status": "ok", "wall_s": 228.0, "peak_rss_mb": 3000.0},
+             {"tool": "harmony", "n_cells": 1000, "stage": "total", "status": "memory_budget_exceeded", "wall_s": 50.0,
+              "peak_rss_mb_observed": 20600.0, "failed_in_stage": "preprocess"}]  # fmt: skip
+    p = report.pipeline(rows, "scalex-scale", 1000)
+    assert p["wall_s"] == 4 + 5 + 100 + 5 and p["peak_rss_mb"] == 1000  # the file ingest, not the synthetic one
+    (s,) = report.summarize(rows)
+    assert s["scvi_time_ratio"] == pytest.approx(2.0) and s["scvi_memory_ratio"] == pytest.approx(3.0)
+    assert s["harmony_status"] == "memory_budget_exceeded" and s["harmony_peak_rss_mb_observed"] == 20600
+    md = report.markdown(rows, [], {})
+    assert "(2.0x, 3.0x)" in md and "memory_budget_exceeded in preprocess (20.1 GB seen)" in md
+
+
+def test_scale_checks_flag_growth():
+    stages = ("ingest", "preprocess", "fit", "embed")
+    base = _ours("scalex-scale", 1_000_000, dict.fromkeys(stages, 100.0), dict.fromkeys(stages, 1000.0), disk=4e9)
+    big = _ours("scalex-scale", 4_000_000, {"ingest": 400.0, "preprocess": 480.0, "fit": 100.0, "embed": 300.0},
+                {"ingest": 1200.0, "preprocess": 1300.0, "fit": 1000.0, "embed": 900.0}, disk=16e9)  # fmt: skip
+    checks = {c["stage"]: c for c in report.scale_checks(base + big)}
+    assert set(checks) == set(stages)
+    assert checks["ingest"]["rss_within_tolerance"] and checks["ingest"]["time_no_faster_than_linear"]
+    assert not checks["preprocess"]["rss_within_tolerance"]  # 1.3x > 1.25x
+    assert not checks["preprocess"]["time_no_faster_than_linear"]  # 4.8x for 4x cells, over the 10% allowance
+    assert checks["fit"]["time_per_cell_ratio"] == pytest.approx(0.25)
+    assert checks["embed"]["store_gb_per_million_cells"] == pytest.approx(4.0)
+    assert sum("FAIL" in line for line in report.check_lines(list(checks.values()))) == 1
+
+
+def test_merge_replaces_by_tool_and_size():
+    import run_scaling
+
+    new = [{"tool": "scalex-scale", "n_cells": 10, "stage": "fit"}, {"tool": "scvi", "n_cells": 10, "stage": "total"}]
+    assert run_scaling.replaced(new, subset=False) == {("scalex-scale", 10), ("scvi", 10)}
+    assert run_scaling.replaced(new, subset=True) == {("scalex-scale", 10, "fit"), ("scvi", 10)}
+    assert run_scaling.per_tool("scvi=60", 5.0) == {"scvi": 60.0, "harmony": 5.0}
+    assert run_scaling.per_tool("7", 5.0) == {"scvi": 7.0, "harmony": 7.0}
+    with pytest.raises(Exception, match="unknown peer"):
+        run_scaling.per_tool("scanvi=3", 5.0)
+    _, args = run_scaling.parse_args(["--genes-per-cell", "1000"])
+    measured = [{"n_cells": 1000, "store_disk_bytes": 2e6}, {"n_cells": 4000, "store_disk_bytes": 1.2e7}]
+    assert run_scaling.disk_needed(10_000, args, measured, h5ad=False) == pytest.approx(1.15 * 10_000 * 3000)
+    assert run_scaling.disk_needed(10_000, args, measured, h5ad=True) == pytest.approx(1.15 * 10_000 * (3000 + 8000))
+
+
+def test_peer_availability_names_the_fix(tmp_path):
+    assert "make_peer_env.sh" in availability("scvi", tmp_path / "python")
+    assert PEER_PY.name == "python"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench/project_100m.py
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_projection_arithmetic(tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    rows = _ours("scalex-scale", 1_000_000, {"ingest": 100.0, "preprocess": 50.0, "fit": 200.0, "embed": 30.0},
+                 dict.fromkeys(("ingest", "preprocess", "fit", "embed"), 900.0), disk=3e9)  # fmt: skip
+    rows[2].update(iterations=30_000, iterations_per_s=150.0)
+    (res / "scaling.json").write_text(json.dumps({"machine": {"cpu_cores": 2, "usable_cores": 2}, "results": rows}))
+    cmd = [sys.executable, str(REPO / "bench" / "project_100m.py"), "--results", str(res), "--cells", "100000000",
+           "--core-efficiency", "0.5", "--node-efficiency", "1.0", "--gpu-iterations-per-s", "1000", "--gpu-ddp-efficiency", "1.0"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    p = json.loads((res / "projection_100m.json").read_text())
+    assert p["kind"].startswith("PROJECTION") and "PROJECTION" in proc.stdout and "ASSUMPTION" in proc.stdout
+    one = {c["schedule"]: c for c in p["configs"] if c["nodes"] == 1}
+    eight = {c["schedule"]: c for c in p["configs"] if c["nodes"] == 8}
+    st = one["fit_method_schedule"]["stage_seconds"]
+    assert st["ingest"] == pytest.approx(100 * 100)  # one writer: the measured rate, whatever the hardware
+    assert st["preprocess"] == pytest.approx(50 * 100 / (16 / 2 * 0.5))
+    assert st["fit_method_schedule"] == pytest.approx(30.0)
+    assert one["fit_one_pass"]["stage_seconds"]["fit_one_pass"] == pytest.approx(1e8 / (1000 * 64))
+    assert eight["fit_one_pass"]["stage_seconds"]["preprocess"] == pytest.approx(st["preprocess"] / 8)
+    assert eight["fit_one_pass"]["stage_seconds"]["fit_one_pass"] == pytest.approx(1e8 / (1000 * 64 * 8))
+    assert one["fit_method_schedule"]["limiting_stage"] == "ingest"
+    assert p["store_tb_projected"] == pytest.approx(3e9 / 1e6 * 1e8 / 1e12)
+    assert p["assumptions"]["gpu_iterations_per_s"]["label"] == "ASSUMPTION"

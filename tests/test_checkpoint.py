@@ -52,6 +52,7 @@ def test_save_load_embed_is_bit_identical(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, module, model_config={"domains": DOMAINS}, preprocess_state=PREPROCESS)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "config.json",
+        "manifest.json",
         "model.safetensors",
         "preprocess.json",
     ]
@@ -75,6 +76,7 @@ def test_no_pickles_and_safetensors_only(tmp_path: Path) -> None:
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
         "config.json",
+        "manifest.json",
         "model.safetensors",
         "trainer_state.json",
         "trainer_state.safetensors",
@@ -96,8 +98,11 @@ def test_unknown_format_version_is_named(tmp_path: Path) -> None:
 
 
 def test_missing_checkpoint_and_inconsistent_config(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="not a scalex-scale checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
         load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a scalex-scale checkpoint"):
+        load_checkpoint(tmp_path / "empty")
     module = make_module()
     with pytest.raises(ValueError, match="n_features"):
         save_checkpoint(tmp_path, module, model_config={"n_features": N_FEATURES + 1})
@@ -159,16 +164,64 @@ def test_resume_from_files_is_bit_identical(tmp_path: Path, pause_at: int) -> No
 
 
 def test_resume_of_a_finished_run_is_a_no_op(tmp_path: Path) -> None:
-    x, domain = synthetic_problem(64)
-    x[0, 0] = np.nan  # non-finite loss: stops early after one epoch
     module = make_module()
-    trainer = Trainer(module, cpu_config(max_iterations=50))
-    assert trainer.fit(InMemoryLoader(x, domain)).stopped_early
+    trainer = Trainer(module, cpu_config(max_iterations=10))
+    done = trainer.fit(make_loader())
     save_checkpoint(tmp_path, module, trainer_state=trainer.state())
     state = load_trainer_state(tmp_path)
-    assert state is not None and state.stopped_early
+    assert state is not None and state.iteration == done.n_iterations
     loader = make_loader()
-    again = Trainer(load_checkpoint(tmp_path)[0], cpu_config(max_iterations=50)).fit(
-        loader, start_state=state
-    )
-    assert again.stopped_early and again.n_iterations == state.iteration and loader.calls == []
+    again = Trainer(load_checkpoint(tmp_path)[0], cpu_config(max_iterations=10)).fit(loader, start_state=state)
+    assert again.n_iterations == state.iteration and loader.calls == []
+
+
+def test_non_finite_weights_are_refused(tmp_path: Path) -> None:
+    module = make_module()
+    with torch.no_grad():
+        module.dsbn.bias[0, 0] = float("nan")
+    save_checkpoint(tmp_path, module)
+    with pytest.raises(ValueError, match="not finite"):
+        load_checkpoint(tmp_path)
+
+
+def test_torn_or_mixed_checkpoint_is_refused(tmp_path: Path) -> None:
+    trainer, module = _trained(6)
+    save_checkpoint(tmp_path / "a", module, trainer_state=trainer.state())
+    trainer, module = _trained(9)
+    save_checkpoint(tmp_path / "b", module, trainer_state=trainer.state())
+    # pieces of two saves: b's trainer tensors beside a's trainer JSON
+    (tmp_path / "a" / "trainer_state.safetensors").write_bytes((tmp_path / "b" / "trainer_state.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="pieces disagree"):
+        load_trainer_state(tmp_path / "a")
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    config["n_hidden"] = 10**9  # would allocate terabytes: refused before anything is allocated
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="n_hidden = 1000000000 is not an integer between"):
+        load_checkpoint(tmp_path / "b")
+    config["n_hidden"] = 2048  # plausible, but not what the weights hold
+    (tmp_path / "b" / "manifest.json").unlink()
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="manifest"):
+        load_checkpoint(tmp_path / "b")
+    config["format_version"] = 1
+    (tmp_path / "b" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="implies"):
+        load_checkpoint(tmp_path / "b")
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    from scalex_scale._faults import InjectedFault, inject
+
+    trainer, module = _trained(6)
+    save_checkpoint(tmp_path / "m", module, trainer_state=trainer.state())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    trainer, module = _trained(9)
+    with inject("count") as plan:
+        save_checkpoint(tmp_path / "n", module, trainer_state=trainer.state())
+    for k in range(1, plan.count + 1):
+        with inject("raise", k), pytest.raises(InjectedFault):
+            save_checkpoint(tmp_path / "m", module, trainer_state=trainer.state())
+        after = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+        assert after == before, k
+        assert load_trainer_state(tmp_path / "m") is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "n"]  # no temporaries left

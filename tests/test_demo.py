@@ -22,5 +22,8 @@ def test_demo_small(tmp_path, capsys):
         assert (tmp_path / "demo" / "report" / name).exists()
     # an existing directory that is not a demo is not overwritten
     (tmp_path / "mine").mkdir()
-    with pytest.raises(FileExistsError):
-        main(["demo", "--outdir", str(tmp_path / "mine"), "--n-cells", "500", "--max-iterations", "5"])
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert main(["demo", "--outdir", str(tmp_path / "mine"), "--n-cells", "500", "--max-iterations", "5", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not an earlier demo" in err and "choose another --outdir" in err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"

@@ -246,6 +246,7 @@ def suite_job(ctx: Any, out: str) -> dict[str, Any]:
     for sync in (True, False):
         module = small_module(32, 3)
         ddp = wrap_ddp(module, ctx, sync_dsbn=sync)
+        res[f"train.{sync}.broadcast_buffers"] = ddp.broadcast_buffers
         config = TrainConfig(max_iterations=30, batch_size=16, device="cpu", progress=False, patience=1)
         loader = TrainingLoader(source, batch_size=16, shard_size=32, rank=ctx.rank, world_size=ctx.world_size,
                                 seed=0, num_workers=1, prefetch=1)
@@ -409,6 +410,7 @@ def test_ddp_training_keeps_ranks_identical(suite: list[dict[str, Any]], sync: b
     assert history and all(h[4] == 2 * bpe for h in history[:-1])  # epoch records count both ranks
     assert all(math.isfinite(h[1]) for h in history)
     assert r0[f"train.{sync}.noise_seed"] == 0 and r1[f"train.{sync}.noise_seed"] != 0
+    assert r0[f"train.{sync}.broadcast_buffers"] is False  # no per-step buffer broadcast (wrap_ddp's Notes)
     # the weights moved away from the initialization
     init = small_module(32, 3).state_dict()
     assert not torch.equal(init["decoder.weight"], r0[f"train.{sync}.state"]["decoder.weight"])
@@ -462,9 +464,9 @@ import sys, torch, torch.distributed as dist
 from pathlib import Path
 from scalex_scale.train.distributed import check_agreement, init_distributed, shutdown
 torch.set_num_threads(1)
-ctx = init_distributed()
+ctx = init_distributed(sys.argv[2])  # the device is stated: "auto" would mean NCCL on a CUDA machine
 check_agreement(ctx, {"n_train": 10})
-t = torch.tensor([float(ctx.rank + 1)])
+t = torch.tensor([float(ctx.rank + 1)], device=ctx.device)
 dist.all_reduce(t)
 line = f"rank {ctx.rank}/{ctx.world_size} local {ctx.local_rank} {ctx.backend} {ctx.device} sum {t.item():g}"
 Path(sys.argv[1], f"rank{ctx.rank}.txt").write_text(line)
@@ -472,19 +474,68 @@ shutdown()
 """
 
 
-def test_torchrun_launch(tmp_path: Path) -> None:
-    """The real launcher: ``torchrun --standalone --nproc-per-node 2`` sets the environment."""
+def _torchrun(tmp_path: Path, script_text: str, n_proc: int, *args: str) -> None:
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(TORCHRUN_SCRIPT))
+    script.write_text(textwrap.dedent(script_text))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), str(tmp_path)],
-        capture_output=True, text=True, timeout=120, env=env,
-    )
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n_proc),
+         str(script), str(tmp_path), *args],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_torchrun_launch(tmp_path: Path) -> None:
+    """The real launcher: ``torchrun --standalone --nproc-per-node 2`` sets the environment (Gloo on CPU,
+    stated, so the test means the same with or without CUDA)."""
+    _torchrun(tmp_path, TORCHRUN_SCRIPT, 2, "cpu")
     lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert lines == ["rank 0/2 local 0 gloo cpu sum 3", "rank 1/2 local 1 gloo cpu sum 3"]
+
+
+@pytest.mark.gpu
+def test_torchrun_launch_nccl_one_gpu(tmp_path: Path) -> None:
+    _torchrun(tmp_path, TORCHRUN_SCRIPT, 1, "cuda")
+    assert (tmp_path / "rank0.txt").read_text() == "rank 0/1 local 0 nccl cuda:0 sum 1"
+
+
+NCCL_FIT_SCRIPT = """
+import json, sys, numpy as np, scipy.sparse as sp, torch
+from pathlib import Path
+from scalex_scale.data import InMemorySource, TrainingLoader
+from scalex_scale.nn import SCALEXModule
+from scalex_scale.train import Trainer, TrainConfig, all_reduce_epoch_loss
+from scalex_scale.train.distributed import init_distributed, rank_config, shutdown, sync_buffers, wrap_ddp
+ctx = init_distributed("cuda")
+rng = np.random.default_rng(0)
+x = sp.random(2048, 64, density=0.2, format="csr", dtype=np.float32, random_state=0)
+x.data = rng.random(x.nnz).astype(np.float16)
+source = InMemorySource(x, rng.integers(0, 3, 2048))
+module = SCALEXModule(64, 3, n_hidden=128, seed=0)
+ddp = wrap_ddp(module, ctx)
+loader = TrainingLoader(source, batch_size=64, shard_size=256, rank=ctx.rank, world_size=ctx.world_size,
+                        pin_memory=True)
+config = TrainConfig(max_iterations=64, batch_size=64, device="cuda", progress=False)
+trainer = Trainer(module, rank_config(config, ctx), train_module=ddp, reduce_epoch_loss=all_reduce_epoch_loss())
+result = trainer.fit(loader)
+sync_buffers(module, ctx)
+loader.close()
+Path(sys.argv[1], "fit.json").write_text(json.dumps({"backend": ctx.backend, "losses": [r.loss for r in result.history],
+                                                     "iterations": result.n_iterations}))
+shutdown()
+"""
+
+
+@pytest.mark.gpu
+def test_torchrun_nccl_ddp_fit_one_gpu(tmp_path: Path) -> None:
+    """One NCCL rank: DDP + the pinned loader + the Trainer on CUDA (the path a multi-GPU run takes)."""
+    import json
+
+    _torchrun(tmp_path, NCCL_FIT_SCRIPT, 1)
+    out = json.loads((tmp_path / "fit.json").read_text())
+    assert out["backend"] == "nccl" and out["iterations"] == 64
+    assert all(math.isfinite(v) for v in out["losses"]) and out["losses"][-1] < out["losses"][0]
 
 
 # =============================================================================== (e) quality

@@ -202,6 +202,30 @@ def test_reference_half_inputs_use_float32_statistics(dtype: torch.dtype) -> Non
     torch.testing.assert_close(rm, rm32, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["bwd-outside", "bwd-inside"])
+def test_reference_statistics_stay_float32_under_bf16_autocast(backward_inside: bool) -> None:
+    """Under bf16 autocast the per-domain sums (one-hot matmuls) must not drop to bfloat16: the output, the
+    running statistics and every gradient equal the run without autocast, bit for bit (CPU autocast)."""
+    case = make_case(512, 64, 4, loc=5.0, scale=3.0, device=torch.device("cpu"))
+
+    def go(autocast: bool) -> dict[str, torch.Tensor]:
+        x = case.x.clone().requires_grad_(True)
+        w, b = case.weight.clone().requires_grad_(True), case.bias.clone().requires_grad_(True)
+        rm, rv = case.running_mean.clone(), case.running_var.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = dsbn_reference(x, case.domain, w, b, rm, rv, training=True)
+            if backward_inside:
+                grads = torch.autograd.grad(y, (x, w, b), case.grad_out)
+        if not backward_inside:
+            grads = torch.autograd.grad(y, (x, w, b), case.grad_out)
+        return dict(zip(("y", "rm", "rv", "dx", "dw", "db"), (y, rm, rv, *grads), strict=True))
+
+    plain, mixed = go(False), go(True)
+    for key, value in plain.items():
+        assert mixed[key].dtype == torch.float32, key
+        assert torch.equal(mixed[key], value), key
+
+
 def test_reference_compiles_fullgraph_without_host_sync() -> None:
     """No .item()/nonzero/data-dependent shapes: dynamo captures one graph (aot_eager: quick on CPU), fwd + bwd."""
     case = make_case(24, 37, 4, layout_name="singleton_empty", device=torch.device("cpu"))
@@ -276,6 +300,44 @@ def test_triton_matches_reference(
     assert_results_close(run(triton_fn, case, training=training), run(dsbn_reference, case, training=training), dtype)
 
 
+SPLIT_CASES = [
+    # chunks are whole 32-row (forward) / 16-row (backward) tiles: 200 rows in 3 chunks of 96, 96, 8 rows
+    pytest.param(200, 37, 1, "random", 3, id="F37-D1-S3"),
+    pytest.param(300, 100, 2, "random", 3, id="F100-D2-S3"),
+    pytest.param(45, 37, 5, "singleton_empty", 2, id="F37-D5-singleton-empty-S2"),
+    pytest.param(40, 37, 2, "sorted", 7, id="F37-D2-sorted-S7-more-chunks-than-tiles"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("n_rows", "n_features", "n_domains", "layout_name", "splits"), SPLIT_CASES)
+def test_triton_row_split_matches_reference(
+    monkeypatch: pytest.MonkeyPatch, n_rows: int, n_features: int, n_domains: int, layout_name: str, splits: int,
+    dtype: torch.dtype, training: bool,
+) -> None:  # fmt: skip
+    """The row-split kernels (few domains, many rows: a third grid axis of row chunks) against the reference."""
+    from scalex_scale.kernels import dsbn_launch
+
+    monkeypatch.setattr(dsbn_launch, "FORCE_ROW_SPLITS", splits)
+    case = make_case(n_rows, n_features, n_domains, dtype=dtype, layout_name=layout_name, seed=splits)
+    assert_results_close(run(triton_fn, case, training=training), run(dsbn_reference, case, training=training), dtype)
+
+
+@needs_triton
+def test_row_split_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split only where the (domain, feature block) grid cannot fill a 132-SM GPU: 1-2 domains at large batch."""
+    from scalex_scale.kernels import dsbn_launch
+
+    monkeypatch.setattr(dsbn_launch, "_min_programs", lambda device: 2 * 132)
+    gpu = torch.device("cuda")
+    assert dsbn_launch.row_splits(4096, 1, 2000, gpu) > 8
+    assert dsbn_launch.row_splits(4096, 2, 2000, gpu) > 4
+    assert dsbn_launch.row_splits(4096, 8, 2000, gpu) == 1  # narrow feature blocks already fill it
+    assert dsbn_launch.row_splits(64, 1, 2000, gpu) == 1  # too few rows to split
+
+
 @needs_triton
 def test_triton_float16_and_int32_domain() -> None:
     case = make_case(40, 100, 3, dtype=torch.float16, layout_name="singleton_empty")
@@ -333,11 +395,28 @@ AOT_CODE = textwrap.dedent(
                    n_features="i32", stride_x="i32", stride_dy="i32", stride_dx="i32", **seg)
         ev = dict(X=f"*{xdt}", Y=f"*{xdt}", DOMAIN="*i64", W="*fp32", B="*fp32", RM="*fp32", RV="*fp32",
                   n_rows="i32", n_features="i32", stride_x="i32", stride_y="i32", eps="fp32")
+        ws = dict(n_splits="i32")
+        sstats = dict(X=f"*{xdt}", PERM="*i64", STARTS="*i32", COUNTS="*i32", WS_S="*fp32", WS_Q="*fp32",
+                      n_rows="i32", n_features="i32", stride_x="i32", **ws)
+        sfwd = dict(fwd, WS_S="*fp32", WS_Q="*fp32", **ws)
+        sfwd = {k: sfwd[k] for k in ("X", "Y", "PERM", "STARTS", "COUNTS", "W", "B", "RM", "RV", "MEAN_OUT",
+                                      "INVSTD_OUT", "WS_S", "WS_Q", "n_rows", "n_features", "stride_x", "stride_y",
+                                      "momentum", "eps", "n_splits")}
+        ssums = dict(X=f"*{xdt}", DY=f"*{xdt}", PERM="*i64", STARTS="*i32", COUNTS="*i32", MEAN="*fp32",
+                     INVSTD="*fp32", WS_DY="*fp32", WS_DYX="*fp32", n_features="i32", stride_x="i32",
+                     stride_dy="i32", **ws)
+        sbwd = dict(X=f"*{xdt}", DY=f"*{xdt}", DX=f"*{xdt}", DW="*fp32", DB="*fp32", PERM="*i64", STARTS="*i32",
+                    COUNTS="*i32", W="*fp32", MEAN="*fp32", INVSTD="*fp32", WS_DY="*fp32", WS_DYX="*fp32",
+                    n_features="i32", stride_x="i32", stride_dy="i32", stride_dx="i32", **ws)
         blocks = dict(BLOCK_B=32, BLOCK_F=32)
         for fn, sig, const in [(K.dsbn_train_fwd_kernel, fwd, blocks),
                                (K.dsbn_bwd_kernel, bwd, dict(TRAINING=True, **blocks)),
                                (K.dsbn_bwd_kernel, bwd, dict(TRAINING=False, **blocks)),
-                               (K.dsbn_eval_fwd_kernel, ev, blocks)]:
+                               (K.dsbn_eval_fwd_kernel, ev, blocks),
+                               (K.dsbn_split_stats_kernel, sstats, blocks),
+                               (K.dsbn_split_fwd_kernel, sfwd, blocks),
+                               (K.dsbn_split_bwd_sums_kernel, ssums, blocks),
+                               (K.dsbn_split_bwd_kernel, sbwd, dict(TRAINING=True, **blocks))]:
             src = triton.compiler.ASTSource(fn, {**sig, **{k: "constexpr" for k in const}}, const)
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True})
             assert "cubin" in compiled.asm, fn

@@ -282,3 +282,129 @@ def test_rows_without_entries():
     loader = TrainingLoader(InMemorySource(x, domain), batch_size=16, shard_size=20, buffer_shards=2,
                             drop_last=False, seed=0)
     assert _check_epoch(loader, x, domain, epoch=0) == loader.batches_per_epoch
+
+
+# ---------------------------------------------------------------------- persistent pipeline, packed batches
+def _cpu_ring(loader: TrainingLoader, n_slots: int = 6):
+    """The pinned ring with ordinary (pageable) memory: the packing and slot logic, testable without CUDA."""
+    from scalex_scale.data.pinned import PinnedRing
+
+    loader._ring = PinnedRing(n_slots, allocate=lambda n: torch.empty(n, dtype=torch.uint8))
+    return loader._ring
+
+
+def test_persistent_pipeline_runs_across_epochs_without_restarting(data):
+    x, domain = data
+    source = InMemorySource(x, domain)
+    loader = TrainingLoader(source, batch_size=64, shard_size=100, buffer_shards=3, seed=5)
+    for epoch in range(3):
+        assert _check_epoch(loader, x, domain, epoch=epoch) == loader.batches_per_epoch
+        assert _loader_threads()  # still reading ahead: the next epoch's plan
+    assert loader.restarts == 1
+    loader.close()
+    _wait_no_threads()
+    # a restart where asked: another epoch, or mid-epoch (resume), gives exactly the planned batches
+    assert _check_epoch(loader, x, domain, epoch=7, start_batch=5) == loader.batches_per_epoch - 5
+    assert _check_epoch(loader, x, domain, epoch=8) == loader.batches_per_epoch
+    assert _check_epoch(loader, x, domain, epoch=2) == loader.batches_per_epoch
+    assert loader.restarts == 3  # (7, 5) and (2, 0) restarted; (8, 0) continued from epoch 7
+    del loader
+    _wait_no_threads()  # dropping the loader stops the pipeline it left running
+
+
+def test_persistent_and_per_epoch_pipelines_yield_the_same_batches(data):
+    x, domain = data
+    source = InMemorySource(x, domain)
+    runs = []
+    for persistent in (True, False):
+        with TrainingLoader(source, batch_size=50, shard_size=128, buffer_shards=2, seed=9, persistent=persistent,
+                            rank=1, world_size=2) as loader:
+            runs.append([b.to_dense("cpu")[0] for e in range(3) for b in loader.epoch(e)])
+        assert loader.restarts == (1 if persistent else 3)
+    assert len(runs[0]) == len(runs[1]) and all(torch.equal(a, b) for a, b in zip(*runs))
+    _wait_no_threads()
+
+
+def test_every_row_once_per_epoch_across_ranks_with_persistent_pipelines(data):
+    x, domain = data
+    ids = sp.csr_matrix(np.arange(1, N_ROWS + 1, dtype=np.float32)[:, None])  # column 0 = row id + 1
+    source = InMemorySource(sp.hstack([ids, x], format="csr"), domain)
+    loaders = [TrainingLoader(source, batch_size=25, shard_size=64, buffer_shards=2, seed=1, rank=r, world_size=3,
+                              drop_last=False) for r in range(3)]  # fmt: skip
+    for epoch in range(2):
+        rows = [int(v) - 1 for ld in loaders for b in ld.epoch(epoch) for v in b.to_dense("cpu")[0][:, 0].tolist()]
+        assert sorted(rows) == list(range(N_ROWS))
+    assert all(ld.restarts == 1 for ld in loaders)
+    for ld in loaders:
+        ld.close()
+    _wait_no_threads()
+
+
+def test_packed_batches_in_a_ring_of_slots(data):
+    x, domain = data
+    loader = TrainingLoader(InMemorySource(x, domain), batch_size=64, shard_size=100, buffer_shards=3, seed=5)
+    ring = _cpu_ring(loader)
+    n = _check_epoch(loader, x, domain, epoch=0)
+    assert n == loader.batches_per_epoch > ring.n_slots  # slots were reused
+    stats = loader.pinned_stats()
+    assert stats["slots"] == 6 and stats["added"] == 0 and stats["grown"] == 0
+    with loader.epoch(1) as batches:
+        batch = next(batches)
+        assert batch.packed is not None and batch.flat is not None and batch.flat.dtype == torch.int32
+        o = batch.packed.data_ptr()
+        for view in (batch.domain, batch.flat, batch.values):  # views of the one buffer (one H2D copy)
+            assert o <= view.data_ptr() < o + batch.packed.numel()
+        cols = torch.repeat_interleave(torch.arange(batch.n_cells), batch.indptr.diff()) * N_FEATURES
+        assert torch.equal(batch.flat.long(), cols + batch.indices.long())
+        batch.stage("cpu")
+        with pytest.raises(RuntimeError, match="stage each batch once"):
+            batch.stage("cpu")
+    loader.close()
+
+
+def test_ring_grows_instead_of_deadlocking_when_batches_are_held(data):
+    x, domain = data
+    loader = TrainingLoader(InMemorySource(x, domain), batch_size=200, shard_size=500, buffer_shards=2, seed=0)
+    _cpu_ring(loader, n_slots=2)
+    held = list(loader.epoch(0))  # never staged, never dropped: the ring must add slots
+    assert len(held) == loader.batches_per_epoch
+    assert loader.pinned_stats()["added"] >= len(held) - 2
+    dense = x.astype(np.float32).toarray()
+    for batch, rows in zip(held, loader.sampler.batch_rows(0)):
+        np.testing.assert_array_equal(batch.to_dense("cpu")[0].numpy(), dense[rows])  # no slot was overwritten
+    loader.close()
+
+
+def test_ring_slot_waits_for_the_release_event():
+    from scalex_scale.data.pinned import PinnedRing
+
+    class Event:
+        def __init__(self):
+            self.waited = False
+
+        def synchronize(self):
+            self.waited = True
+
+    ring = PinnedRing(1, allocate=lambda n: torch.empty(n, dtype=torch.uint8))
+    stop = threading.Event()
+    index, slot = ring.acquire(100, stop=stop, consumer_starved=lambda: False)
+    assert slot.numel() >= 100
+    event = Event()
+    ring.release(index, event)
+    again, slot2 = ring.acquire(10_000_000, stop=stop, consumer_starved=lambda: False)
+    assert again == index and event.waited  # the copy out of the slot is waited for before reuse
+    assert slot2.numel() >= 10_000_000 and ring.stats()["grown"] == 1
+    stop.set()
+    assert ring.acquire(1, stop=stop, consumer_starved=lambda: False) is None  # all slots out, stopping
+
+
+def test_batches_without_flat_positions_densify_the_same(data):
+    from scalex_scale.data.batch import CSRBatch
+
+    x, domain = data
+    loader = TrainingLoader(InMemorySource(x, domain), batch_size=64, shard_size=100, seed=5)
+    with loader.epoch(0) as batches:
+        for batch, _ in zip(batches, range(5)):
+            plain = CSRBatch(batch.indptr, batch.indices, batch.values, batch.domain, batch.n_features)
+            assert torch.equal(plain.to_dense("cpu")[0], batch.to_dense("cpu")[0])
+    loader.close()

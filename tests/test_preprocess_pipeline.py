@@ -84,7 +84,7 @@ def test_failed_rerun_keeps_previous_training_matrix(tmp_path, monkeypatch):
     ingest(tmp_path / "s", [a], batch_key="batch")
     preprocess(tmp_path / "s", min_features=300)
     before = _snapshot(tmp_path / "s")
-    import scalex_scale.preprocess.permute as permute
+    import scalex_scale.store.training as permute
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import zarr
 
 from scalex_scale.store import Atlas, AtlasFormatError, InputError, from_chunks, ingest
-from scalex_scale.store.atlas import journal_path, recover, write_journal
+from scalex_scale.store.txn import temporaries
 
 from conftest import make_adata
 
@@ -64,7 +64,8 @@ def test_formats_mtx_h5_zarr_anndata(tmp_path):
         g["features/feature_type"] = np.array(["Gene Expression"] * 15 + ["Antibody Capture"] * 2, dtype="S")
     z = tmp_path / "z.zarr"
     a.write_zarr(z)
-    report = ingest(tmp_path / "atlas", [mtx, h5, z, a], batch_names=["mtx", "h5", "zarr", "mem"])
+    # zarr and mem are the same cells: a duplicate unless allowed
+    report = ingest(tmp_path / "atlas", [mtx, h5, z, a], batch_names=["mtx", "h5", "zarr", "mem"], allow_duplicates=True)
     assert report.batches_added == {"mtx": 20, "h5": 20, "zarr": 20, "mem": 20}
     back = _read(tmp_path / "atlas")
     assert back.n_vars == 15
@@ -174,7 +175,7 @@ def test_bad_append_leaves_atlas_unchanged(tmp_path, bad, match):
     with pytest.raises(InputError, match=match):
         ingest(store, [good, b], batch_names=["g", "bad"])  # the good input is rolled back too
     assert _snapshot(store) == before
-    assert not journal_path(store).exists()
+    assert not temporaries(store)
     assert _read(store).n_obs == 40
 
 
@@ -209,23 +210,6 @@ def test_unknown_format_version(tmp_path):
         Atlas.open(tmp_path / "s")
 
 
-def test_interrupted_append_is_rolled_back(tmp_path):
-    store = tmp_path / "s"
-    ingest(store, [make_adata(25, 6, seed=16, batch="a")])
-    atlas = Atlas.open(store, mode="r+")
-    n, nnz = atlas.n_obs, int(atlas.indptr[-1])
-    write_journal(store, {"op": "append", "n_obs": n, "nnz": nnz, "n_vars": 6, "obsm": {}})
-    x = atlas.root["X"]  # simulate a process killed half-way through an append
-    x["data"].resize((nnz + 50,))
-    x["indices"].resize((nnz + 50,))
-    x["indptr"].resize((n + 11,))
-    shutil.copytree(store / "obs", store / "obs__new")
-    Atlas.open(store, mode="r+")  # recovers
-    assert not journal_path(store).exists() and not (store / "obs__new").exists()
-    back = _read(store)
-    assert back.n_obs == 25 and back.X.nnz == nnz
-
-
 def test_from_chunks_generator(tmp_path):
     a = make_adata(35, 9, seed=17)
 
@@ -245,3 +229,62 @@ def test_info_summary(tmp_path):
     info = Atlas.open(tmp_path / "s").info()
     assert info["n_cells"] == 20 and info["batches"] == {"x": 12, "y": 8}
     assert "preprocess none" in Atlas.open(tmp_path / "s").summary()
+
+
+def test_same_cells_again_in_the_same_batch_are_refused(tmp_path):
+    from scalex_scale.store import DuplicateError
+
+    a = make_adata(30, 10, seed=20, batch="b1")
+    a.write_h5ad(tmp_path / "a.h5ad")
+    store = tmp_path / "s"
+    ingest(store, [tmp_path / "a.h5ad"])
+    before = _snapshot(store)
+    with pytest.raises(DuplicateError, match="already in batch 'b1'"):
+        ingest(store, [a])  # same names, same batch
+    with pytest.raises(DuplicateError, match="same file was already added"):
+        ingest(store, [tmp_path / "a.h5ad"], batch_names=["other"])  # same file as another batch
+    assert _snapshot(store) == before
+    report = ingest(store, [tmp_path / "a.h5ad"], batch_names=["other"], allow_duplicates=True)
+    assert report.n_cells_added == 30 and report.cells_renamed == 30
+    assert Atlas.open(store).n_obs == 60
+
+
+def test_values_are_checked_after_the_cast_to_float32(tmp_path):
+    big = make_adata(6, 4, seed=21)
+    x = big.X.toarray().astype(np.float64)
+    x[3, 1] = 1e39  # finite in float64, inf in float32
+    with pytest.raises(InputError, match=r"beyond float32's range .* cell #3"):
+        ingest(tmp_path / "s", [ad.AnnData(sp.csr_matrix(x), obs=big.obs, var=big.var)])
+    half = ad.AnnData(big.X.toarray().astype(np.float16), obs=big.obs, var=big.var)  # dense float16 X
+    ingest(tmp_path / "h", [half])
+    np.testing.assert_array_equal(_read(tmp_path / "h").X.toarray(), big.X.toarray())
+    y = sp.random(2000, 50, density=0.05, format="csr", random_state=0, dtype=np.float32)
+    y.data[:] = 1
+    y.data[y.indptr[1234] + 0] = np.nan  # cell 1234: located through indptr, not by densifying the chunk
+    obs = pd.DataFrame(index=[f"r{i}" for i in range(2000)])
+    var = pd.DataFrame(index=[f"G{j}" for j in range(50)])
+    with pytest.raises(InputError, match="first in cell #1234"):
+        ingest(tmp_path / "n", [ad.AnnData(y, obs=obs, var=var)], chunk_rows=700)
+
+
+def test_state_json_is_checked(tmp_path):
+    from scalex_scale.store import transaction
+
+    ingest(tmp_path / "s", [make_adata(10, 5, seed=22)])
+    with transaction(tmp_path / "s", "test") as txn:
+        state = txn.atlas.state
+        state["format_version"] = 7
+        txn.atlas.write_state(state)
+    with pytest.raises(AtlasFormatError, match="state format_version 7"):
+        Atlas.open(tmp_path / "s")
+
+
+def test_not_an_atlas_hint_names_the_path(tmp_path):
+    a = make_adata(10, 5, seed=23)
+    for fmt in (2, 3):
+        with ad.settings.override(zarr_write_format=fmt):
+            a.write_zarr(tmp_path / f"plain{fmt}.zarr")
+        with pytest.raises(AtlasFormatError) as err:
+            Atlas.open(tmp_path / f"plain{fmt}.zarr")
+        assert "{path}" not in str(err.value)
+        assert f"scalex-scale ingest NEW_ATLAS {tmp_path / f'plain{fmt}.zarr'}" in str(err.value)

@@ -332,3 +332,87 @@ def test_all_reduce_epoch_loss_with_a_one_rank_group(tmp_path: Path) -> None:
         assert result.history[0].n_batches == 6
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- the real loader, float64 sums
+def _real_loader(pinned_ring: bool = False, seed: int = 0):
+    """The TrainingLoader over the synthetic problem (packed batches in a CPU ring when ``pinned_ring``)."""
+    import scipy.sparse as sp
+
+    from scalex_scale.data import InMemorySource, TrainingLoader
+    from scalex_scale.data.pinned import PinnedRing
+
+    x, domain = synthetic_problem()
+    csr = sp.csr_matrix(x)
+    source = InMemorySource.from_arrays(csr.indptr, csr.indices.astype(np.uint16), csr.data.astype(np.float16),
+                                        domain, x.shape[1])  # as stored: float16 values, uint16 columns
+    loader = TrainingLoader(source, batch_size=64, shard_size=64, buffer_shards=2, seed=seed)
+    if pinned_ring:
+        loader._ring = PinnedRing(4, allocate=lambda n: torch.empty(n, dtype=torch.uint8))
+    return loader
+
+
+def test_packed_batches_train_exactly_like_plain_ones() -> None:
+    cfg = cpu_config(max_iterations=30, lr=1e-3)
+    results, modules = [], []
+    for ring in (False, True):
+        module = make_module()
+        with _real_loader(pinned_ring=ring) as loader:
+            results.append(Trainer(module, cfg).fit(loader))
+        modules.append(module)
+    assert results[0].history == results[1].history
+    assert_same_weights(*modules)
+
+
+@pytest.mark.parametrize("pause_at", [21, 18])
+def test_resume_with_the_persistent_loader_is_bit_identical(pause_at: int) -> None:
+    cfg = cpu_config(max_iterations=40, lr=1e-3)
+    reference = make_module()
+    with _real_loader() as loader:
+        history = Trainer(reference, cfg).fit(loader).history
+        first = Trainer(make_module(), cfg)
+        assert not first.fit(loader, pause_at_iteration=pause_at).completed
+        module = make_module(seed=4)
+        result = Trainer(module, cfg).fit(loader, start_state=first.state())
+    assert result.history == history
+    assert_same_weights(module, reference)
+
+
+def test_epoch_sums_are_float64_and_old_float32_states_load() -> None:
+    cfg = cpu_config(max_iterations=40, lr=1e-3)
+    first = Trainer(make_module(), cfg)
+    first.fit(make_loader(), pause_at_iteration=9)
+    state = first.state()
+    assert state.epoch_sums.dtype == torch.float64
+    old = dataclasses.replace(state, epoch_sums=state.epoch_sums.float())  # a state written before float64 sums
+    resumed = Trainer(make_module(), cfg)
+    resumed.load_state(old)
+    assert resumed._sums.dtype == torch.float64
+    assert torch.equal(resumed._sums, state.epoch_sums.float().double())
+
+
+def test_epoch_loss_is_the_float64_mean_of_the_batch_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[torch.Tensor] = []
+    original = SCALEXModule.loss
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append(out.loss.detach().clone())
+        return out
+
+    monkeypatch.setattr(SCALEXModule, "loss", spy)
+    result = Trainer(make_module(), cpu_config(max_iterations=6)).fit(make_loader())
+    want = torch.stack(seen).double().mean().item()
+    assert result.history[0].loss == want  # sums kept in float64, not float32
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bfloat16")
+def test_bf16_with_compile_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: original(model, backend="aot_eager", fullgraph=True))
+    torch._dynamo.reset()
+    cfg = cpu_config(max_iterations=24, lr=1e-3, precision="bf16")
+    compiled = Trainer(make_module(), dataclasses.replace(cfg, compile=True)).fit(make_loader())
+    eager = Trainer(make_module(), cfg).fit(make_loader())
+    for a, b in zip(compiled.history, eager.history, strict=True):
+        assert a.loss == pytest.approx(b.loss, rel=1e-3)

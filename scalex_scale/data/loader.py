@@ -9,28 +9,38 @@ executes its :class:`~scalex_scale.data.samplers.LoadRequest` plan:
                        per buffer: a few contiguous       in plan order: joins     (bounded,
                        source.read calls, then a          batches that straddle    _QUEUE_BATCHES)
                        vectorised numpy gather of each    buffers, wraps torch
-                       batch's rows (compact CSR)         tensors, optional pin
+                       batch's rows (compact CSR) and     tensors; with pin_memory
+                       each value's flat position         packs each batch into a
+                       row * n_features + column          slot of a pinned ring
 
 At most ``prefetch`` buffers are being read or wait, decoded, ahead of the buffer the assembler is
-draining, so the memory in flight is about ``(prefetch + 1)`` gathered buffers (6 bytes per non-zero:
-int32 index + float16 value) plus up to ``num_workers`` raw buffers during reads (4 bytes per
-non-zero as stored). With the defaults (65,536-row buffers, prefetch 2, 2 workers) and ~400
-non-zeros per row that is 3 x ~160 MB + 2 x ~105 MB, about 0.7 GB. Batches stay compact (float16 or
-float32 values, int32 indices, int64 indptr and domain) until :meth:`CSRBatch.to_dense` densifies
-them on the training device.
+draining, so the memory in flight is about ``(prefetch + 1)`` gathered buffers (10 bytes per non-zero:
+int32 index + int32 flat position + float16 value) plus up to ``num_workers`` raw buffers during reads
+(4 bytes per non-zero as stored). With the defaults (65,536-row buffers, prefetch 2, 2 workers) and
+~400 non-zeros per row that is 3 x ~260 MB + 2 x ~105 MB, about 1 GB. Batches stay compact until
+:meth:`CSRBatch.to_dense` (or :meth:`CSRBatch.stage` + ``densify``) densifies them on the training
+device; with ``pin_memory`` a batch is one page-locked buffer (domain, flat positions, values), so it
+costs one host-to-device copy (:mod:`scalex_scale.data.batch`, :mod:`scalex_scale.data.pinned`).
 
-A buffer is read and gathered whole before its first batch is passed on, so the first batch of an
-epoch comes after one buffer's read + gather (~0.2-0.5 s for 65,536 rows at ~400 non-zeros per row on
-one core; more on a busy host); after that the pipeline runs ahead of the consumer.
+A buffer is read and gathered whole before its first batch is passed on, so the first batch of a
+pipeline comes after one buffer's read + gather (~0.2-0.5 s for 65,536 rows at ~400 non-zeros per row
+on one core; more on a busy host); after that the pipeline runs ahead of the consumer. The pipeline is
+persistent (``persistent=True``, the default): it reads on into the next epoch's plan when an epoch's
+last batch was yielded, so epochs do not restart it (at 1M cells and batch 64, the default 30,000
+iterations span two epochs; at batch 4,096 one epoch is ~240 iterations, i.e. 120+ restarts without).
 
 Stopping early is safe: :meth:`EpochIterator.close` (also called by ``with``, by garbage collection
-of the iterator, at the end of the epoch, and when an error is raised) stops the threads and joins
-them, waiting at most for the ``source.read`` in progress. An exception in a reader or in the plan is
-re-raised in the consumer as the original exception object, with the worker's traceback.
+of the iterator, and when an error is raised) stops the threads and joins them, waiting at most for
+the ``source.read`` in progress; a pipeline left running for the next epoch is stopped by
+:meth:`TrainingLoader.close` (or ``with``, or garbage collection of the loader). An exception in a
+reader or in the plan is re-raised in the consumer as the original exception object, with the
+worker's traceback.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import queue
 import threading
 import weakref
@@ -38,13 +48,14 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .batch import CSRBatch
+from .batch import CSRBatch, _Lease, pack_layout
+from .pinned import PinnedRing
 from .samplers import DEFAULT_BUFFER_SHARDS, DEFAULT_SHARD_SIZE, LoadRequest, ShardSampler
 
 __all__ = ["EpochIterator", "InMemorySource", "LoaderConfig", "TrainingLoader", "TrainingSource"]
@@ -157,12 +168,13 @@ class InMemorySource:
 # ---------------------------------------------------------------------- numpy CSR pieces
 @dataclass(frozen=True, slots=True)
 class _CSR:
-    """Rows as CSR arrays: indptr int64 from 0, indices, data, domain."""
+    """Rows as CSR arrays: indptr int64 from 0, indices, data, domain; ``flat`` (row * F + column) once gathered."""
 
     indptr: np.ndarray
     indices: np.ndarray
     data: np.ndarray
     domain: np.ndarray
+    flat: np.ndarray | None = None
 
 
 def _checked(read: tuple[np.ndarray, ...], start: int, stop: int) -> _CSR:
@@ -177,14 +189,22 @@ def _checked(read: tuple[np.ndarray, ...], start: int, stop: int) -> _CSR:
     return _CSR(indptr.astype(np.int64, copy=False), indices, data, domain)
 
 
-def _concat(pieces: list[_CSR]) -> _CSR:
+def _concat(pieces: list[_CSR], n_features: int | None = None) -> _CSR:
+    """Rows of ``pieces`` one after the other; ``flat`` (when the pieces have it) shifted by the rows before."""
     offsets = np.cumsum([0] + [int(p.indptr[-1]) for p in pieces[:-1]])
     indptr = np.concatenate([pieces[0].indptr[:1]] + [p.indptr[1:] + o for p, o in zip(pieces, offsets)])
+    flat = None
+    if pieces[0].flat is not None:
+        assert n_features is not None
+        row0 = np.cumsum([0] + [len(p.domain) for p in pieces[:-1]])
+        dtype = pieces[0].flat.dtype
+        flat = np.concatenate([p.flat + dtype.type(r * n_features) for p, r in zip(pieces, row0.tolist())])
     return _CSR(
         indptr,
         np.concatenate([p.indices for p in pieces]),
         np.concatenate([p.data for p in pieces]),
         np.concatenate([p.domain for p in pieces]),
+        flat,
     )
 
 
@@ -209,36 +229,74 @@ def _element_index(starts: np.ndarray, lengths: np.ndarray, out_starts: np.ndarr
     return np.cumsum(steps, out=steps)
 
 
-def _gather(raw: _CSR, positions: np.ndarray) -> _CSR:
-    """Rows ``positions`` of ``raw`` as a new CSR (int32 indices, int64 domain), vectorised."""
+def flat_dtype(batch_size: int, n_features: int) -> np.dtype:
+    """int32 flat positions when a batch's ``rows * n_features`` fits, else int64."""
+    return np.dtype(np.int32) if batch_size * n_features < 2**31 else np.dtype(np.int64)
+
+
+def _gather(raw: _CSR, positions: np.ndarray, n_features: int, flat: np.dtype) -> _CSR:
+    """Rows ``positions`` of ``raw`` as a new CSR (int32 indices, int64 domain, flat positions), vectorised."""
     starts = raw.indptr[positions]
     lengths = raw.indptr[positions + 1] - starts
     indptr = np.zeros(len(positions) + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
     src = _element_index(starts, lengths, indptr[:-1], int(indptr[-1]))
-    return _CSR(
-        indptr,
-        raw.indices[src].astype(np.int32, copy=False),
-        raw.data[src],
-        raw.domain[positions].astype(np.int64),
-    )
+    indices = raw.indices[src].astype(np.int32, copy=False)
+    # row * F + column: np.repeat is ~2x faster than a cumsum of row jumps here
+    positions_flat = np.repeat(np.arange(len(positions), dtype=flat) * flat.type(n_features), lengths)
+    positions_flat += indices.astype(flat, copy=False)
+    return _CSR(indptr, indices, raw.data[src], raw.domain[positions].astype(np.int64), positions_flat)
 
 
-def _load(source: TrainingSource, request: LoadRequest) -> list[tuple[_CSR, bool]]:
+def _load(source: TrainingSource, request: LoadRequest, flat: np.dtype) -> list[tuple[_CSR, bool]]:
     """Read one buffer and gather each of its batch segments (runs in a reader thread)."""
     raw = _read_buffer(source, request.slices)
-    return [(_gather(raw, positions), ends) for positions, ends in request.segments()]
+    n_features = int(source.n_features)
+    return [(_gather(raw, positions, n_features, flat), ends) for positions, ends in request.segments()]
 
 
-def _to_batch(piece: _CSR, n_features: int, pin_memory: bool) -> CSRBatch:
-    batch = CSRBatch(
+def _plain_batch(piece: _CSR, n_features: int) -> CSRBatch:
+    return CSRBatch(
         torch.from_numpy(piece.indptr),
         torch.from_numpy(piece.indices),
         torch.from_numpy(piece.data),
         torch.from_numpy(piece.domain),
         n_features,
+        flat=None if piece.flat is None else torch.from_numpy(piece.flat),
     )
-    return batch.pin_memory() if pin_memory else batch
+
+
+def _packed_bytes(piece: _CSR) -> int:
+    assert piece.flat is not None
+    return pack_layout(
+        len(piece.domain), len(piece.data), _TORCH_DTYPES[piece.flat.dtype], _TORCH_DTYPES[piece.data.dtype]
+    )[-1]
+
+
+_TORCH_DTYPES = {np.dtype(k): v for k, v in ((np.int32, torch.int32), (np.int64, torch.int64),
+                                             (np.float16, torch.float16), (np.float32, torch.float32))}  # fmt: skip
+
+
+def _packed_batch(piece: _CSR, n_features: int, index: int, slot: torch.Tensor, ring: PinnedRing) -> CSRBatch:
+    """Copy ``piece``'s domain, flat and values into the pinned ``slot`` and wrap views of it as a batch."""
+    assert piece.flat is not None
+    n, nnz = len(piece.domain), len(piece.data)
+    flat_t, val_t = _TORCH_DTYPES[piece.flat.dtype], _TORCH_DTYPES[piece.data.dtype]
+    o_dom, o_flat, o_val, end = pack_layout(n, nnz, flat_t, val_t)
+    buf = slot[:end]
+    domain = buf[o_dom : o_dom + 8 * n].view(torch.int64)
+    flat = buf[o_flat : o_flat + piece.flat.itemsize * nnz].view(flat_t)
+    values = buf[o_val : o_val + piece.data.itemsize * nnz].view(val_t)
+    domain.numpy()[:] = piece.domain
+    flat.numpy()[:] = piece.flat
+    values.numpy()[:] = piece.data
+    lease = _Lease(lambda event: ring.release(index, event))
+    batch = CSRBatch(
+        torch.from_numpy(piece.indptr), torch.from_numpy(piece.indices), values, domain, n_features,
+        flat=flat, packed=buf, lease=lease,
+    )  # fmt: skip
+    weakref.finalize(batch, lease)  # dropped without being staged: the slot comes back too
+    return batch
 
 
 # ---------------------------------------------------------------------- configuration
@@ -261,7 +319,14 @@ class LoaderConfig:
     num_workers
         Reader threads (>= 1); more than ``prefetch`` cannot be used.
     pin_memory
-        Return batches in page-locked memory (for fast, asynchronous host-to-CUDA copies). Needs CUDA.
+        Return batches packed in page-locked memory (one fast, asynchronous host-to-CUDA copy per
+        batch), in a ring of reused slots (:mod:`scalex_scale.data.pinned`). Needs CUDA.
+    persistent
+        Keep the pipeline running across epochs: once an epoch's batches are all yielded, the threads
+        go on reading the next epoch (the plan of epoch ``e + 1`` from batch 0), so the next
+        ``epoch(e + 1)`` call starts without a pipeline restart. Any other call (another epoch, a
+        ``start_batch``, an epoch left early) restarts the pipeline where asked. :meth:`TrainingLoader.close`
+        (or dropping the loader) stops it.
     """
 
     batch_size: int = 64
@@ -274,6 +339,7 @@ class LoaderConfig:
     prefetch: int = 2
     num_workers: int = 2
     pin_memory: bool = False
+    persistent: bool = True
 
     def __post_init__(self) -> None:
         if self.prefetch < 1 or self.num_workers < 1:
@@ -296,23 +362,34 @@ class _Failure:
 
 
 class _Pipeline:
-    """Background read + assembly of one epoch's batches into a bounded queue.
+    """Background read + assembly of batches (one epoch's plan, or several chained) into a bounded queue.
 
-    Holds no reference to the consumer-side iterator, so dropping that iterator lets it be collected
-    and its finalizer stop this pipeline.
+    Holds no reference to the consumer-side iterator or the loader, so dropping those lets them be
+    collected and their finalizers stop this pipeline.
     """
 
     def __init__(
-        self, source: TrainingSource, requests: Iterator[LoadRequest], config: LoaderConfig
+        self,
+        source: TrainingSource,
+        requests: Iterator[LoadRequest],
+        config: LoaderConfig,
+        ring: PinnedRing | None = None,
     ) -> None:
         self._source = source
         self._requests = requests
         self._config = config
+        self._ring = ring
+        self._flat = flat_dtype(config.batch_size, int(source.n_features))
         self._queue: queue.Queue[object] = queue.Queue(maxsize=_QUEUE_BATCHES)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._closed = False
+        self._waiting = False
         self._thread: threading.Thread | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # -- consumer side
     def get(self) -> CSRBatch | None:
@@ -332,15 +409,19 @@ class _Pipeline:
 
     def _next_item(self) -> object:
         assert self._thread is not None
-        while True:
-            try:
-                return self._queue.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    try:
-                        return self._queue.get_nowait()
-                    except queue.Empty:
-                        return _Failure(RuntimeError("the loader thread stopped without a result"))
+        self._waiting = True
+        try:
+            while True:
+                try:
+                    return self._queue.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if not self._thread.is_alive():
+                        try:
+                            return self._queue.get_nowait()
+                        except queue.Empty:
+                            return _Failure(RuntimeError("the loader thread stopped without a result"))
+        finally:
+            self._waiting = False
 
     def close(self) -> None:
         """Stop the threads and wait for them (at most the ``source.read`` in progress)."""
@@ -365,12 +446,24 @@ class _Pipeline:
                 continue
         return False
 
+    def _starved(self) -> bool:
+        return self._waiting and self._queue.empty()
+
     def _submit(self, pool: ThreadPoolExecutor, window: deque[Future[list[tuple[_CSR, bool]]]]) -> None:
         while len(window) < self._config.prefetch:
             request = next(self._requests, None)
             if request is None:
                 return
-            window.append(pool.submit(_load, self._source, request))
+            window.append(pool.submit(_load, self._source, request, self._flat))
+
+    def _batch(self, piece: _CSR, n_features: int) -> CSRBatch | None:
+        ring = self._ring
+        if ring is None:
+            return _plain_batch(piece, n_features)
+        got = ring.acquire(_packed_bytes(piece), stop=self._stop, consumer_starved=self._starved)
+        if got is None:
+            return None
+        return _packed_batch(piece, n_features, got[0], got[1], ring)
 
     def _run(self) -> None:
         cfg, n_features = self._config, int(self._source.n_features)
@@ -382,15 +475,19 @@ class _Pipeline:
             while window and not self._stop.is_set():
                 segments = window.popleft().result()
                 self._submit(pool, window)
+                if self._ring is not None and self._ring.allocated_bytes == 0 and segments:
+                    # slots sized from the first buffer's largest batch, before the first batch is handed out
+                    self._ring.reserve(max(_packed_bytes(piece) for piece, _ in segments))
                 segments.reverse()  # pop() from the end frees each segment once it is passed on
                 while segments:
                     piece, ends_batch = segments.pop()
                     pending.append(piece)
                     if not ends_batch:
                         continue
-                    joined = pending[0] if len(pending) == 1 else _concat(pending)
+                    joined = pending[0] if len(pending) == 1 else _concat(pending, n_features)
                     pending = []
-                    if not self._put(_to_batch(joined, n_features, cfg.pin_memory)):
+                    batch = self._batch(joined, n_features)
+                    if batch is None or not self._put(batch):
                         return
             if pending and not self._stop.is_set():
                 raise RuntimeError("the load plan ended inside a mini-batch")
@@ -407,13 +504,17 @@ class EpochIterator:
     """Iterator over one epoch's :class:`CSRBatch` es; a context manager.
 
     Background threads start at the first ``next()``. Close it (``with``, :meth:`close`, or by
-    dropping the last reference) to stop them when leaving an epoch early.
+    dropping the last reference) to stop them when leaving an epoch early. Once every batch of the
+    epoch was yielded, a persistent loader's pipeline is left running for the next epoch.
     """
 
-    def __init__(self, pipeline: _Pipeline, n_batches: int) -> None:
+    def __init__(self, pipeline: _Pipeline, n_batches: int, on_exhausted: Any = None) -> None:
         self._pipeline = pipeline
         self._remaining = n_batches
+        self._on_exhausted = on_exhausted
         self._finalizer = weakref.finalize(self, pipeline.close)
+        if n_batches == 0:
+            self._exhausted()
 
     def __iter__(self) -> EpochIterator:
         return self
@@ -422,16 +523,27 @@ class EpochIterator:
         """Batches not yet yielded."""
         return self._remaining
 
+    def _exhausted(self) -> None:
+        if self._on_exhausted is not None and not self._pipeline.closed:
+            self._finalizer.detach()  # the pipeline lives on, for the next epoch
+            self._on_exhausted()
+        else:
+            self._finalizer()
+
     def __next__(self) -> CSRBatch:
+        if self._remaining <= 0:
+            raise StopIteration
         batch = self._pipeline.get()
         if batch is None:
             self.close()
             raise StopIteration
         self._remaining -= 1
+        if self._remaining == 0:
+            self._exhausted()
         return batch
 
     def close(self) -> None:
-        """Stop and join the background threads (idempotent)."""
+        """Stop and join the background threads (idempotent; a no-op once the epoch was fully yielded)."""
         self._finalizer()
 
     def __enter__(self) -> EpochIterator:
@@ -439,6 +551,13 @@ class EpochIterator:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _chained_plan(sampler: ShardSampler, epoch: int, start_batch: int) -> Iterator[LoadRequest]:
+    """The plan of ``epoch`` from ``start_batch``, then of every later epoch from batch 0."""
+    yield from sampler.epoch_plan(epoch, start_batch)
+    for e in itertools.count(epoch + 1):
+        yield from sampler.epoch_plan(e, 0)
 
 
 # ---------------------------------------------------------------------- the loader
@@ -449,16 +568,16 @@ class TrainingLoader:
     ----------
     source
         The training matrix.
-    batch_size, shard_size, buffer_shards, drop_last, rank, world_size, seed, prefetch, num_workers, pin_memory
+    batch_size, shard_size, buffer_shards, drop_last, rank, world_size, seed, prefetch, num_workers, pin_memory, persistent
         See :class:`LoaderConfig`.
 
     Examples
     --------
-    >>> loader = TrainingLoader(source, batch_size=64, seed=0)
-    >>> for epoch in range(n_epochs):
-    ...     with loader.epoch(epoch) as batches:
-    ...         for batch in batches:
-    ...             x, domain = batch.to_dense(device)
+    >>> with TrainingLoader(source, batch_size=64, seed=0) as loader:
+    ...     for epoch in range(n_epochs):
+    ...         with loader.epoch(epoch) as batches:
+    ...             for batch in batches:
+    ...                 x, domain = batch.to_dense(device)
     """
 
     def __init__(
@@ -475,10 +594,12 @@ class TrainingLoader:
         prefetch: int = 2,
         num_workers: int = 2,
         pin_memory: bool = False,
+        persistent: bool = True,
     ) -> None:
         config = LoaderConfig(
-            batch_size, shard_size, buffer_shards, drop_last, rank, world_size, seed, prefetch, num_workers, pin_memory
-        )
+            batch_size, shard_size, buffer_shards, drop_last, rank, world_size, seed, prefetch, num_workers, pin_memory,
+            persistent,
+        )  # fmt: skip
         self._init(source, config)
 
     @classmethod
@@ -501,6 +622,11 @@ class TrainingLoader:
             world_size=config.world_size,
             seed=config.seed,
         )
+        self._ring = PinnedRing(_QUEUE_BATCHES + 4) if config.pin_memory else None
+        # The live (persistent) pipeline and the (epoch, batch) its next batch belongs to.
+        self._live: list[Any] = [None, None]
+        self.restarts = 0
+        self._finalizer = weakref.finalize(self, _close_live, self._live)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -510,11 +636,52 @@ class TrainingLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def pinned_stats(self) -> dict[str, int] | None:
+        """The pinned ring's slots and allocations (None without ``pin_memory``)."""
+        return None if self._ring is None else self._ring.stats()
+
     def epoch(self, epoch: int, start_batch: int = 0) -> EpochIterator:
         """Batches of ``epoch``, skipping the first ``start_batch`` (mid-epoch resume)."""
-        requests = self.sampler.epoch_plan(epoch, start_batch)
-        return EpochIterator(_Pipeline(self.source, requests, self.config), self.batches_per_epoch - start_batch)
+        n = self.batches_per_epoch
+        if not 0 <= start_batch <= n:
+            raise ValueError(f"start_batch must be in [0, {n}], got {start_batch}")
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        pipeline, position = self._live
+        if pipeline is None or pipeline.closed or position != (epoch, start_batch):
+            _close_live(self._live)
+            if self.config.persistent:
+                requests = _chained_plan(self.sampler, epoch, start_batch)
+            else:
+                requests = self.sampler.epoch_plan(epoch, start_batch)
+            pipeline = _Pipeline(self.source, requests, self.config, self._ring)
+            self.restarts += 1
+        self._live[:] = [None, None]
+        on_exhausted = functools.partial(_hand_over, self._live, pipeline, epoch + 1) if self.config.persistent else None
+        return EpochIterator(pipeline, n - start_batch, on_exhausted)
+
+    def close(self) -> None:
+        """Stop a pipeline left running for the next epoch (idempotent)."""
+        _close_live(self._live)
+
+    def __enter__(self) -> TrainingLoader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __iter__(self) -> Iterator[CSRBatch]:
         """Batches of epoch 0."""
         return self.epoch(0)
+
+
+def _hand_over(live: list[Any], pipeline: _Pipeline, next_epoch: int) -> None:
+    """An epoch was fully yielded: keep its pipeline as the loader's live one, at (next_epoch, 0)."""
+    live[:] = [pipeline, (next_epoch, 0)]
+
+
+def _close_live(live: list[Any]) -> None:
+    pipeline = live[0]
+    live[:] = [None, None]
+    if pipeline is not None:
+        pipeline.close()

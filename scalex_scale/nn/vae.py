@@ -114,6 +114,22 @@ class SCALEXModule(nn.Module):
             generator = torch.Generator(device="cpu").manual_seed(int(seed))
         self.reset_parameters(generator)
 
+    @staticmethod
+    def state_shapes(n_features: int, n_domains: int, n_latent: int, n_hidden: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the ``state_dict`` entries of a module with these sizes (nothing is allocated).
+
+        Checkpoint loading compares them with a weights file's header before building the module.
+        """
+        f, d, z, h = int(n_features), int(n_domains), int(n_latent), int(n_hidden)
+        return {
+            "encoder.0.weight": (h, f), "encoder.0.bias": (h,),
+            "encoder.1.weight": (h,), "encoder.1.bias": (h,), "encoder.1.running_mean": (h,),
+            "encoder.1.running_var": (h,), "encoder.1.num_batches_tracked": (),
+            "mu_head.weight": (z, h), "mu_head.bias": (z,), "logvar_head.weight": (z, h), "logvar_head.bias": (z,),
+            "decoder.weight": (f, z), "decoder.bias": (f,),
+            "dsbn.weight": (d, f), "dsbn.bias": (d, f), "dsbn.running_mean": (d, f), "dsbn.running_var": (d, f),
+        }  # fmt: skip
+
     # ------------------------------------------------------------------ setup
     @property
     def hparams(self) -> dict[str, Any]:

@@ -2,16 +2,14 @@
 
 Pass A and pass B fold row ranges into mergeable accumulators, in parallel partitions (dask threads by default,
 or a ``dask.distributed`` client's workers), merged in a tree. A third pass transforms the rows of the cells that
-pass QC and writes the training matrix in a random row permutation (:mod:`.permute`). Everything is written
-aside and swapped in at the end, so a failed run leaves the atlas as it was.
+pass QC and writes the training matrix in a random row permutation (:mod:`scalex_scale.store.training`). The run is
+one transaction: matrix, var, obs and state are committed together, so a failed run leaves the atlas as it was.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,10 +22,11 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
-from ..store.atlas import STATE_GROUP, Atlas
+from .._fs import sibling
+from ..store.atlas import Atlas
 from ..store.errors import PreprocessError
-from ..store._zarr_io import swap_dirs
-from .permute import PermutedWriter
+from ..store.training import PermutedWriter
+from ..store.txn import transaction
 from .reference_driver import PassFn, preprocess_chunks
 from .state import PreprocessConfig, PreprocessState
 from .stats import tree_merge
@@ -143,6 +142,7 @@ def preprocess(
     scheduler: str | None = None,
     n_workers: int | None = None,
     bucket_values: int = 1 << 23,
+    lock_timeout: float | None = None,
 ) -> PreprocessState:
     """Preprocess an atlas: QC filters, normalization, feature selection, scaling; write the training matrix.
 
@@ -168,6 +168,8 @@ def preprocess(
         Threads of the local scheduler (default: the CPU count).
     bucket_values
         Memory bound of the permuted write: stored values shuffled in memory at once.
+    lock_timeout
+        Seconds to wait for another writer of the atlas (None: wait; 0: fail at once).
 
     Returns
     -------
@@ -177,7 +179,19 @@ def preprocess(
     import os
 
     t0 = time.perf_counter()
-    atlas = Atlas.open(store, mode="r+")
+    with transaction(store, "preprocess", lock_timeout=lock_timeout) as txn:
+        if txn.is_new:
+            raise PreprocessError(f"{store}: no such atlas; create it with `scalex-scale ingest {store} INPUTS`")
+        atlas = txn.atlas
+        state = _preprocess(atlas, profile, n_top_features, min_features, min_cells, scale, keep_mt, seed, client,
+                            scheduler, n_workers, bucket_values, t0)  # fmt: skip
+    return state
+
+
+def _preprocess(atlas, profile, n_top_features, min_features, min_cells, scale, keep_mt, seed, client, scheduler,
+                n_workers, bucket_values, t0) -> PreprocessState:  # fmt: skip
+    import os
+
     ingest = atlas.state.get("ingest") or {}
     profile = profile or ingest.get("profile", "RNA")
     config = PreprocessConfig(
@@ -197,7 +211,7 @@ def preprocess(
         client, own_client = Client(scheduler), True
     try:
         runner = DaskRunner(
-            str(atlas.path),
+            str(atlas.directory),
             atlas.row_ranges(target_nnz=RANGE_VALUES),
             atlas.batch_codes,
             client=client,
@@ -220,7 +234,9 @@ def preprocess(
             int(kept.sum()), atlas.n_obs, result.state.n_features, time.perf_counter() - t0,
         )
         state = result.state
-        _write_training_matrix(atlas, runner, state, result.cell_mask, seed, bucket_values)
+        n_train = int(result.cell_mask.sum())
+        record = {**state.to_dict(), "n_train": n_train, "permutation_seed": int(seed), "n_obs": atlas.n_obs}
+        record["train_id"] = _write_training_matrix(atlas, runner, state, result.cell_mask, seed, bucket_values, record)
     finally:
         if own_client:
             client.close()
@@ -228,39 +244,27 @@ def preprocess(
     var = pd.concat([var, result.var.drop(columns=["qc"])], axis=1)
     atlas.write_var(var)
     atlas.write_obs_columns({"scalex_qc_pass": result.cell_mask})
-    n_train = int(result.cell_mask.sum())
-    record = {**state.to_dict(), "n_train": n_train, "permutation_seed": int(seed), "n_obs": atlas.n_obs}
     atlas.update_state("preprocess", record)
-    atlas.consolidate()
     log.info("preprocess: wrote %d training rows in %.1f s", n_train, time.perf_counter() - t0)
     return state
 
 
 def _write_training_matrix(
-    atlas: Atlas, runner: DaskRunner, state: PreprocessState, cell_mask: np.ndarray, seed: int, bucket_values: int
-) -> None:
-    """Third pass: transform QC-passing rows and write them permuted to ``uns/scalex_scale/train``."""
-    index_dtype = np.uint16 if state.n_features <= np.iinfo(np.uint16).max + 1 else np.int32
-    spill = atlas.path.with_name(f".{atlas.path.name}.spill-{uuid.uuid4().hex[:8]}")
+    atlas: Atlas, runner: DaskRunner, state: PreprocessState, cell_mask: np.ndarray, seed: int, bucket_values: int,
+    record: dict[str, Any],
+) -> str:  # fmt: skip
+    """Third pass: transform QC-passing rows and write them permuted as the training matrix; returns its id."""
+    spill = sibling(atlas.path, "spill")
     writer = PermutedWriter(
-        spill, int(atlas.indptr[-1]), np.random.default_rng(seed), bucket_values=bucket_values, index_dtype=index_dtype
+        spill, int(atlas.indptr[-1]), np.random.default_rng(seed), n_features=state.n_features, bucket_values=bucket_values
     )
-    tmp_name = "train__tmp"
-    group_root = atlas.root[STATE_GROUP]
     try:
-        if tmp_name in group_root:
-            del group_root[tmp_name]
         for (start, stop), (values, mask) in zip(
             runner.ranges, runner.map_ordered(lambda x, codes: transform_chunk(x, codes, state)), strict=True
         ):
             rows = start + np.flatnonzero(mask)
             writer.add(values.indptr, values.indices, values.data, rows, runner.codes[rows])
-        group = group_root.create_group(tmp_name)
-        group.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-        writer.finish(group, state.n_features)
+        return writer.finish(atlas, record)  # the id names the content: the same inputs give the same id
     except BaseException:
         writer.abort()
-        shutil.rmtree(atlas.path / STATE_GROUP / tmp_name, ignore_errors=True)
         raise
-    swap_dirs(atlas.path / STATE_GROUP / tmp_name, atlas.path / STATE_GROUP / "train")
-    atlas.consolidate()

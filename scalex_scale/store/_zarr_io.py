@@ -1,10 +1,6 @@
-"""Low-level Zarr helpers: array creation with our codecs, chunk-aligned appends, directory swaps."""
+"""Low-level Zarr helpers: array creation with our codecs, chunk-aligned appends."""
 
 from __future__ import annotations
-
-import os
-import shutil
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -92,15 +88,3 @@ class Appender:
             self._write(full_only=False)
         if self.array.shape[0] != self.length:
             self.array.resize((self.length,) + self.array.shape[1:])
-
-
-def swap_dirs(new: Path, target: Path) -> None:
-    """Replace directory ``target`` by ``new``: the old one is renamed aside first, then removed."""
-    old = target.with_name(target.name + ".__old__")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    if old.exists():
-        shutil.rmtree(old)

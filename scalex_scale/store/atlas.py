@@ -1,27 +1,35 @@
-"""The atlas: an AnnData Zarr store plus scalex-scale's versioned state (see DESIGN.md for the layout)."""
+"""The atlas: an AnnData Zarr store plus scalex-scale's versioned state (see DESIGN.md for the layout).
+
+:meth:`Atlas.open` gives a read-only view of the last commit. Writes happen only inside a transaction
+(:mod:`scalex_scale.store.txn`), on a writable :class:`Atlas` over the transaction's private copy.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import zarr
 
-from ._zarr_io import ELEMENT_CHUNK, ROW_CHUNK, create_1d, create_2d, swap_dirs
-from .errors import AtlasFormatError
+from .._fs import complete_publish, intent_path
+from .._lock import WriterLock
+from ._zarr_io import ELEMENT_CHUNK, ROW_CHUNK, create_1d, create_2d
+from .errors import AtlasBusyError, AtlasFormatError
 
 #: Version of our own state (``uns/scalex_scale``); bump on incompatible layout changes.
 FORMAT_VERSION = 1
 STATE_GROUP = "uns/scalex_scale"
-JOURNAL_SUFFIX = ".scalex-journal.json"
+#: The append journal of scalex-scale < 0.2 (in-place appends); its presence means an old, unsafe interruption.
+LEGACY_JOURNAL_SUFFIX = ".scalex-journal.json"
 
 
 def _zarr_settings():
@@ -47,58 +55,108 @@ def read_elem(elem: Any) -> Any:
     return _read(elem)
 
 
+def _wait_for_publish(path: Path) -> None:
+    """A two-rename publish (filesystems without an atomic exchange) hides the atlas for a moment; finish it."""
+    for _ in range(100):
+        if path.exists() or not intent_path(path).exists():
+            return
+        lock = WriterLock(path, "recover", timeout=0)
+        try:
+            with lock:
+                complete_publish(path)  # its writer died between the renames: roll forward
+            return
+        except AtlasBusyError:
+            time.sleep(0.05)  # the writer is finishing the publish right now
+
+
+def _check_directory(path: Path, directory: Path) -> None:
+    if not directory.exists():
+        raise AtlasFormatError(f"{path}: no such atlas")
+    if (directory / ".zgroup").exists() or (directory / ".zarray").exists():
+        raise AtlasFormatError(
+            f"{path}: is a Zarr format 2 store written by another tool, not a scalex-scale atlas; ingest it into a new "
+            f"atlas instead: `scalex-scale ingest NEW_ATLAS {path}`"
+        )
+    if not (directory / "zarr.json").exists():
+        raise AtlasFormatError(f"{path}: is not a Zarr store (no zarr.json), so not a scalex-scale atlas")
+    legacy = path.with_name(path.name + LEGACY_JOURNAL_SUFFIX)
+    if legacy.exists():
+        raise AtlasFormatError(
+            f"{path}: an append by an older scalex-scale was interrupted ({legacy.name} is present) and may have "
+            f"left it inconsistent; run `scalex-scale check {path}` to see what is wrong"
+        )
+
+
+def _check_root(path: Path, root: zarr.Group) -> None:
+    if STATE_GROUP not in root:
+        raise AtlasFormatError(
+            f"{path}: is not a scalex-scale atlas (no {STATE_GROUP}); "
+            f"ingest it into a new atlas instead: `scalex-scale ingest NEW_ATLAS {path}`"
+        )
+    version = root[STATE_GROUP].attrs.get("scalex_scale_format")
+    if version != FORMAT_VERSION:
+        raise AtlasFormatError(
+            f"{path}: atlas format version {version!r} is not supported by this scalex-scale "
+            f"(which reads version {FORMAT_VERSION})"
+        )
+
+
 class Atlas:
     """A scalex-scale atlas on disk.
 
-    Open with :meth:`Atlas.open`; create with :func:`scalex_scale.store.ingest`. The object reads lazily: ``obs``
-    and ``var`` are loaded on first use (they are small), ``X`` is read in row ranges.
+    Open the last commit with :meth:`Atlas.open` (read-only); write inside :func:`scalex_scale.store.transaction`.
+    The object reads lazily: ``obs`` and ``var`` are loaded on first use (they are small), ``X`` is read in row
+    ranges.
+
+    Attributes
+    ----------
+    path
+        The atlas' path (what messages name).
+    directory
+        Where its files are: ``path`` itself, or a transaction's private copy.
+    writable
+        True inside a transaction.
     """
 
-    def __init__(self, path: Path, root: zarr.Group, mode: str) -> None:
+    def __init__(self, path: Path, directory: Path, root: zarr.Group, *, writable: bool = False) -> None:
         self.path = path
+        self.directory = directory
         self.root = root
-        self.mode = mode
+        self.writable = writable
+        #: State changes of a transaction, written once when it commits (:meth:`flush_state`).
+        self._pending_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ opening / creating
     @classmethod
-    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r") -> Atlas:
-        """Open an existing atlas, checking that scalex-scale wrote it with a known format version.
-
-        In ``"r+"`` mode an interrupted append (a journal left by a killed process) is rolled back first.
-        """
+    def open(cls, path: str | Path) -> Atlas:
+        """Open the last commit of an atlas (read-only), checking that scalex-scale wrote it."""
         path = Path(path)
-        if not path.exists():
-            raise AtlasFormatError(f"{path}: no such atlas")
-        if (path / ".zgroup").exists() or (path / ".zarray").exists():
-            raise AtlasFormatError(
-                f"{path}: is a Zarr format 2 store written by another tool, not a scalex-scale atlas"
-            )
-        if not (path / "zarr.json").exists():
-            raise AtlasFormatError(f"{path}: is not a Zarr store (no zarr.json), so not a scalex-scale atlas")
-        if mode == "r+" and journal_path(path).exists():
-            recover(path)
-        try:
-            root = zarr.open_group(str(path), mode=mode, use_consolidated=False)
-        except Exception as err:
-            raise AtlasFormatError(f"{path}: cannot be opened as a Zarr group: {err}") from err
-        if STATE_GROUP not in root:
-            raise AtlasFormatError(
-                f"{path}: is not a scalex-scale atlas (no {STATE_GROUP}); "
-                "ingest it into a new atlas instead: `scalex-scale ingest NEW_ATLAS {path}`"
-            )
-        version = root[STATE_GROUP].attrs.get("scalex_scale_format")
-        if version != FORMAT_VERSION:
-            raise AtlasFormatError(
-                f"{path}: atlas format version {version!r} is not supported by this scalex-scale "
-                f"(which reads version {FORMAT_VERSION})"
-            )
-        return cls(path, root, mode)
+        _wait_for_publish(path)
+        return cls._open_directory(path, path)
 
     @classmethod
-    def create(cls, path: str | Path, var_names: pd.Index) -> Atlas:
-        """Create an empty atlas (0 cells) with the given genes. ``path`` must not exist."""
-        path = Path(path)
-        root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    def _open_directory(cls, path: Path, directory: Path, store: Any = None) -> Atlas:
+        _check_directory(path, directory)
+        try:
+            if store is None:
+                root = zarr.open_group(str(directory), mode="r", use_consolidated=False)
+            else:
+                root = zarr.open_group(store=store, mode="r+", use_consolidated=False)
+        except Exception as err:
+            raise AtlasFormatError(f"{path}: cannot be opened as a Zarr group: {err}") from err
+        _check_root(path, root)
+        atlas = cls(path, directory, root, writable=store is not None)
+        atlas.state  # noqa: B018 - parses and checks the state JSON now
+        return atlas
+
+    @classmethod
+    def _from_directory(cls, path: Path, directory: Path, *, store: Any) -> Atlas:
+        return cls._open_directory(path, directory, store)
+
+    @classmethod
+    def _create(cls, path: Path, directory: Path, store: Any, var_names: Sequence[str]) -> Atlas:
+        """Write an empty atlas (0 cells, these genes) into ``directory`` (a transaction's private copy)."""
+        root = zarr.open_group(store=store, mode="w-", zarr_format=3)
         root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         x = root.create_group("X")
         x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [0, len(var_names)]})
@@ -116,9 +174,14 @@ class Atlas:
         state.attrs.update(
             {"encoding-type": "dict", "encoding-version": "0.1.0", "scalex_scale_format": FORMAT_VERSION}
         )
-        atlas = cls(path, root, "r+")
-        atlas.write_state({"format_version": FORMAT_VERSION})
+        atlas = cls(path, directory, root, writable=True)
+        atlas.write_state({"format_version": FORMAT_VERSION, "generation": 0})
+        atlas.flush_state()
         return atlas
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise RuntimeError(f"{self.path}: opened read-only; write inside scalex_scale.store.transaction()")
 
     # ------------------------------------------------------------------ basic shape
     @property
@@ -163,19 +226,45 @@ class Atlas:
 
     def refresh(self) -> None:
         """Forget cached obs/var after a write."""
-        for key in ("obs", "var", "batch"):
+        for key in ("obs", "var", "batch", "indptr"):
             self.__dict__.pop(key, None)
 
     # ------------------------------------------------------------------ state JSON
     @property
     def state(self) -> dict[str, Any]:
+        """The state record (``uns/scalex_scale/state``), checked: valid JSON of a known ``format_version``.
+
+        A copy: change it and pass it to :meth:`write_state` (inside a transaction).
+        """
+        if self._pending_state is not None:
+            return json.loads(json.dumps(self._pending_state))
         group = self.root[STATE_GROUP]
         if "state" not in group:
-            return {"format_version": FORMAT_VERSION}
-        return json.loads(str(read_elem(group["state"])))
+            return {"format_version": FORMAT_VERSION, "generation": 0}
+        where = f"{self.path}/{STATE_GROUP}/state"
+        try:
+            state = json.loads(str(read_elem(group["state"])))
+        except (ValueError, TypeError) as err:
+            raise AtlasFormatError(f"{where}: is not valid JSON ({err}); run `scalex-scale check {self.path}`") from err
+        if not isinstance(state, dict):
+            raise AtlasFormatError(f"{where}: is not a JSON object; run `scalex-scale check {self.path}`")
+        version = state.get("format_version")
+        if version != FORMAT_VERSION:
+            raise AtlasFormatError(
+                f"{where}: state format_version {version!r} is not supported by this scalex-scale "
+                f"(which reads version {FORMAT_VERSION})"
+            )
+        return state
 
     def write_state(self, state: dict[str, Any]) -> None:
-        write_elem(self.root[STATE_GROUP], "state", json.dumps(state, sort_keys=True))
+        """Replace the state (kept in memory; written once by :meth:`flush_state` when the transaction commits)."""
+        self._require_writable()
+        self._pending_state = json.loads(json.dumps(state))
+
+    def flush_state(self) -> None:
+        if self._pending_state is not None:
+            write_elem(self.root[STATE_GROUP], "state", json.dumps(self._pending_state, sort_keys=True))
+            self._pending_state = None
 
     def update_state(self, section: str, value: Any) -> None:
         state = self.state
@@ -184,6 +273,11 @@ class Atlas:
         else:
             state[section] = value
         self.write_state(state)
+
+    @property
+    def generation(self) -> int:
+        """Commits so far (bumped by every transaction)."""
+        return int(self.state.get("generation", 0))
 
     # ------------------------------------------------------------------ X access
     def _x(self, name: str) -> zarr.Array:
@@ -216,10 +310,6 @@ class Atlas:
             bounds.append(stop)
         return list(zip(bounds[:-1], bounds[1:], strict=True))
 
-    def iter_rows(self, **kwargs: Any) -> Iterator[tuple[int, int, sp.csr_matrix]]:
-        for start, stop in self.row_ranges(**kwargs):
-            yield start, stop, self.read_rows(start, stop)
-
     # ------------------------------------------------------------------ derived elements
     @property
     def has_training_matrix(self) -> bool:
@@ -233,6 +323,20 @@ class Atlas:
             raise AtlasFormatError(f"{self.path}: has no training matrix; run `scalex-scale preprocess {self.path}`")
         return TrainingMatrix(self.root[f"{STATE_GROUP}/train"], n_domains=len(self.batch_categories))
 
+    @contextmanager
+    def pinned_training_matrix(self) -> Iterator[tuple[Any, dict[str, Any]]]:
+        """``(TrainingMatrix, state)`` of a frozen snapshot: a re-preprocess while it is used cannot change it."""
+        from .training import TrainingMatrix
+        from .txn import pinned
+
+        if not self.has_training_matrix:
+            raise AtlasFormatError(f"{self.path}: has no training matrix; run `scalex-scale preprocess {self.path}`")
+        with pinned(self.path, [STATE_GROUP]) as pin:
+            group = zarr.open_group(str(pin / STATE_GROUP), mode="r", use_consolidated=False)
+            state = json.loads(str(read_elem(group["state"])))
+            n_domains = len((state.get("preprocess") or {}).get("batches", self.batch_categories))
+            yield TrainingMatrix(group["train"], n_domains=n_domains), state
+
     def obs_column(self, name: str) -> Any:
         """One obs column, read alone (categorical, numeric or string array)."""
         if "obs" in self.__dict__:
@@ -240,69 +344,61 @@ class Atlas:
         obs = self.root["obs"]
         return read_elem(obs[name]) if name in obs else None
 
+    def obs_columns(self) -> list[str]:
+        return [str(c) for c in self.root["obs"].attrs.get("column-order", [])]
+
     def obsm_keys(self) -> list[str]:
         return sorted(self.root["obsm"].array_keys())
 
-    def new_obsm_writer(self, key: str, n_cols: int, dtype=np.float32) -> zarr.Array:
-        """A temporary (n_obs, n_cols) array; publish it with :meth:`publish_obsm`."""
-        tmp = f"{key}__tmp"
+    # ------------------------------------------------------------------ writes (inside a transaction)
+    def obsm_writer(self, key: str, n_cols: int, dtype=np.float32) -> zarr.Array:
+        """A new (n_obs, n_cols) ``obsm[key]`` (replacing any existing one), to be filled by the caller."""
+        self._require_writable()
         obsm = self.root["obsm"]
-        if tmp in obsm:
-            del obsm[tmp]
-        arr = create_2d(obsm, tmp, dtype, n_cols, chunk_rows=ROW_CHUNK)
+        if key in obsm:
+            del obsm[key]
+        arr = create_2d(obsm, key, dtype, n_cols, chunk_rows=ROW_CHUNK)
         arr.resize((self.n_obs, n_cols))
         return arr
 
-    def publish_obsm(self, key: str) -> None:
-        """Atomically replace ``obsm[key]`` by the temporary array written with :meth:`new_obsm_writer`."""
-        base = self.path / "obsm"
-        swap_dirs(base / f"{key}__tmp", base / key)
-        self.consolidate()
-
     def write_obs_columns(self, columns: dict[str, Any]) -> None:
-        """Add or replace obs columns without reading or rewriting the rest of obs.
-
-        Each column is written aside and swapped in, then listed in ``column-order``: a failure leaves obs readable.
-        """
+        """Add or replace obs columns without reading or rewriting the rest of obs."""
+        self._require_writable()
         obs = self.root["obs"]
         for name, values in columns.items():
             if not isinstance(values, pd.Categorical | pd.api.extensions.ExtensionArray):
                 values = np.asarray(values)
             if values.shape != (self.n_obs,):
                 raise ValueError(f"obs column {name!r} has shape {values.shape}, expected ({self.n_obs},)")
-            write_elem(obs, f"{name}__new", values)
-            swap_dirs(self.path / "obs" / f"{name}__new", self.path / "obs" / name)
+            write_elem(obs, name, values)
             order = list(obs.attrs.get("column-order", []))
             if name not in order:
                 obs.attrs["column-order"] = order + [name]
         self.refresh()
-        self.consolidate()
 
     def write_obs(self, obs: pd.DataFrame) -> None:
-        write_elem(self.root, "obs__new", obs)
-        swap_dirs(self.path / "obs__new", self.path / "obs")
+        self._require_writable()
+        write_elem(self.root, "obs", obs)
         self.refresh()
-        self.consolidate()
 
     def write_var(self, var: pd.DataFrame) -> None:
-        write_elem(self.root, "var__new", var)
-        swap_dirs(self.path / "var__new", self.path / "var")
+        self._require_writable()
+        write_elem(self.root, "var", var)
         self.refresh()
-        self.consolidate()
 
     def consolidate(self) -> None:
         """Refresh the consolidated metadata (so ``anndata.experimental.read_lazy`` opens it quietly)."""
+        self._require_writable()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
-            zarr.consolidate_metadata(str(self.path))
-        self.root = zarr.open_group(str(self.path), mode=self.mode, use_consolidated=False)
-        self.__dict__.pop("indptr", None)
+            zarr.consolidate_metadata(self.root.store)
+        self.root = zarr.open_group(store=self.root.store, mode="r+", use_consolidated=False)
+        self.refresh()
 
     # ------------------------------------------------------------------ summary
     def info(self) -> dict[str, Any]:
         """A JSON-able summary: cells, genes, batches with counts, preprocessing/model state held."""
-        obs = self.obs
-        counts = obs["batch"].value_counts(sort=False) if "batch" in obs else pd.Series(dtype=int)
+        counts = pd.Series(self.batch).value_counts(sort=False) if self.n_obs else pd.Series(dtype=int)
         state = self.state
         prep = state.get("preprocess")
         return {
@@ -310,8 +406,9 @@ class Atlas:
             "n_cells": self.n_obs,
             "n_genes": self.n_vars,
             "nnz": int(self.indptr[-1]),
+            "generation": int(state.get("generation", 0)),
             "batches": {str(k): int(v) for k, v in counts.items()},
-            "obs_columns": [c for c in obs.columns],
+            "obs_columns": self.obs_columns(),
             "obsm": self.obsm_keys(),
             "ingest": state.get("ingest"),
             "preprocess": None
@@ -321,8 +418,10 @@ class Atlas:
                 "n_features": len(prep.get("features", [])),
                 "n_train": prep.get("n_train"),
                 "n_obs_at_preprocess": prep.get("n_obs"),
+                "train_id": prep.get("train_id"),
             },
             "model": state.get("model"),
+            "latent": state.get("latent"),
         }
 
     def summary(self) -> str:
@@ -344,49 +443,12 @@ class Atlas:
             lines.append(line)
         else:
             lines.append("preprocess none (run `scalex-scale preprocess`)")
+        lines.append(f"obs        {', '.join(info['obs_columns']) or 'none'}")
         lines.append(f"obsm       {', '.join(info['obsm']) or 'none'}")
         model = info["model"]
         lines.append(f"model      {model.get('directory') if model else 'none'}")
+        latent = info["latent"]
+        if latent:
+            lines.append(f"latent     by model {latent.get('directory')}")
+        lines.append(f"commits    {info['generation']}")
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------- journal (interrupted appends)
-def journal_path(path: Path) -> Path:
-    """The journal of an append in progress sits beside the store (Zarr lists no stray files then)."""
-    return path.with_name(path.name + JOURNAL_SUFFIX)
-
-
-def write_journal(path: Path, record: dict[str, Any]) -> None:
-    tmp = journal_path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    tmp.replace(journal_path(path))
-
-
-def clear_journal(path: Path) -> None:
-    journal_path(path).unlink(missing_ok=True)
-
-
-def recover(path: Path) -> None:
-    """Roll back an interrupted append: shrink X to its recorded size and drop half-written groups."""
-    record = json.loads(journal_path(path).read_text())
-    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
-    x = root["X"]
-    n_obs, nnz, n_vars = record["n_obs"], record["nnz"], record["n_vars"]
-    x["data"].resize((nnz,))
-    x["indices"].resize((nnz,))
-    x["indptr"].resize((n_obs + 1,))
-    x.attrs["shape"] = [n_obs, n_vars]
-    for key in record.get("obsm", {}):
-        arr = root["obsm"][key]
-        arr.resize((n_obs,) + arr.shape[1:])
-    for name in ("obs__new", "var__new"):
-        if (path / name).exists():
-            shutil.rmtree(path / name)
-    for name in ("obs", "var"):
-        old = path / f"{name}.__old__"
-        if old.exists() and not (path / name).exists():
-            old.replace(path / name)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Consolidated metadata.*")
-        zarr.consolidate_metadata(str(path))
-    clear_journal(path)

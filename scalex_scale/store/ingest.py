@@ -1,11 +1,13 @@
-"""Out-of-core ingest: stream inputs in row chunks into a new atlas, or append them as new batches."""
+"""Out-of-core ingest: stream inputs in row chunks into a new atlas, or append them as new batches.
+
+Every ingest is one transaction (:mod:`.txn`): the new cells are written into a private copy of the atlas and
+published in one atomic step, so a bad input, Ctrl-C, a full disk or a crash leaves the atlas as it was.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import shutil
-import uuid
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +18,16 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._zarr_io import Appender
-from .atlas import Atlas, clear_journal, recover, write_journal
-from .errors import InputError
+from .atlas import Atlas
+from .errors import DuplicateError, InputError
 from .readers import InputSource, open_input
+from .txn import transaction
 
 log = logging.getLogger(__name__)
 
 Join = Literal["inner", "outer"]
 Profile = Literal["RNA", "ATAC"]
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,35 @@ class IngestReport:
     genes_missing: dict[str, int]
     genes_dropped: dict[str, int]
     cells_renamed: int
+    n_rows_before: int = 0
+
+
+@dataclass(frozen=True)
+class AppendOptions:
+    """How :func:`append` labels and checks the cells it adds.
+
+    Attributes
+    ----------
+    batch_key, batch_names
+        Where each cell's batch comes from (see :func:`ingest`).
+    chunk_rows
+        Cells read per chunk.
+    profile, join
+        Recorded in the ingest record of a new atlas.
+    allow_duplicates
+        Add cells even when the same cell names are already in the same batch, or the same source file (by
+        fingerprint) was added before.
+    record
+        The state section that lists the inputs (``"ingest"``, or ``"projection"`` for projected data).
+    """
+
+    batch_key: str | None = None
+    batch_names: Sequence[str] | None = None
+    chunk_rows: int = 10_000
+    profile: Profile = "RNA"
+    join: Join = "inner"
+    allow_duplicates: bool = False
+    record: str = "ingest"
 
 
 def _joined_genes(sources: Sequence[InputSource], join: Join) -> pd.Index:
@@ -73,24 +106,37 @@ def _has_column(src: InputSource, key: str) -> bool:
     return False
 
 
+def _first_row(indptr: np.ndarray, bad: np.ndarray) -> int:
+    """Row of the first flagged stored value (no densifying: positions -> rows through indptr)."""
+    return int(np.searchsorted(indptr, int(np.flatnonzero(bad)[0]), side="right")) - 1
+
+
 def _validate(chunk: sp.csr_matrix, src: InputSource, row: int, warned: set[str]) -> sp.csr_matrix:
+    """Cast to the stored dtype (float32), then check the stored values: finite, non-negative."""
+    raw = chunk.data
+    if raw.dtype.kind == "f" and raw.dtype.itemsize > 4 and raw.size:
+        over = np.abs(raw) > _F32_MAX
+        if over.any():
+            bad = _first_row(chunk.indptr, over) + row
+            raise InputError(
+                f"{src.name}: values beyond float32's range (e.g. {raw[over][0]:.3g} in cell #{bad}); counts are "
+                "stored as float32"
+            )
+    chunk = sp.csr_matrix(chunk, dtype=np.float32, copy=False)
     data = chunk.data
-    if not np.all(np.isfinite(data)):
-        bad = int(np.flatnonzero(~np.isfinite(chunk.toarray().sum(axis=1)))[0]) + row
-        raise InputError(f"{src.name}: NaN or infinite values (first in cell #{bad})")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise InputError(f"{src.name}: NaN or infinite values (first in cell #{_first_row(chunk.indptr, ~finite) + row})")
     if data.size and data.min() < 0:
-        r = np.flatnonzero(np.minimum.reduceat(data, chunk.indptr[:-1]) < 0) if chunk.nnz else []
-        first = int(r[0]) + row if len(r) else row
+        first = _first_row(chunk.indptr, data < 0) + row
         raise InputError(f"{src.name}: negative counts (first in cell #{first}); raw counts are required")
     if src.name not in warned and data.size and not np.array_equal(data, np.round(data)):
         warned.add(src.name)
-        warnings.warn(
-            f"{src.name}: values are not integers; scalex-scale expects raw counts (normalized or log data "
-            "would be normalized twice)",
-            UserWarning,
-            stacklevel=3,
+        log.warning(
+            "%s: values are not integers; scalex-scale expects raw counts (normalized or log data would be "
+            "normalized twice)",
+            src.name,
         )
-    chunk = sp.csr_matrix(chunk, dtype=np.float32, copy=False)
     chunk.eliminate_zeros()
     return chunk
 
@@ -109,25 +155,54 @@ def _remap(chunk: sp.csr_matrix, mapping: np.ndarray, n_genes: int) -> sp.csr_ma
 
 
 class _Names:
-    """Makes cell names unique across inputs (and against an existing atlas): ``name-batch``, then ``-k``."""
+    """Makes cell names unique across inputs and against the atlas (``name-batch``, then ``-k``), and refuses a
+    cell already in the same batch (a duplicate) unless duplicates are allowed."""
 
-    def __init__(self, existing: pd.Index) -> None:
-        self.seen: set[str] = set(existing.astype(str))
+    def __init__(self, existing: pd.Index, existing_batch: np.ndarray, allow_duplicates: bool, atlas: Path) -> None:
+        self.batch_of: dict[str, str] = {str(n): str(b) for n, b in zip(existing, existing_batch, strict=True)}
+        self.allow = allow_duplicates
+        self.atlas = atlas
         self.renamed = 0
 
-    def __call__(self, names: pd.Index, batches: np.ndarray) -> pd.Index:
+    def __call__(self, names: pd.Index, batches: np.ndarray, source: str) -> pd.Index:
+        names = names.astype(str)
+        batches = [str(b) for b in batches]
+        if not self.allow:
+            same = [n for n, b in zip(names, batches, strict=True) if self.batch_of.get(n) == b]
+            if same:
+                raise DuplicateError(
+                    f"{source}: {len(same):,} of its cells (e.g. {same[0]!r}) are already in batch "
+                    f"{self.batch_of[same[0]]!r} of {self.atlas}; it looks added before. Give another batch name, "
+                    "or pass --allow-duplicates (allow_duplicates=True) to add them again"
+                )
         out = []
-        for name, batch in zip(names.astype(str), batches, strict=True):
-            if name in self.seen:
+        for name, batch in zip(names, batches, strict=True):
+            if name in self.batch_of:
                 cand, k = f"{name}-{batch}", 0
-                while cand in self.seen:
+                while cand in self.batch_of:
                     k += 1
                     cand = f"{name}-{batch}-{k}"
                 name = cand
                 self.renamed += 1
-            self.seen.add(name)
+            self.batch_of[name] = str(batch)
             out.append(name)
         return pd.Index(out)
+
+
+def _recorded_inputs(state: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*((state.get("ingest") or {}).get("inputs", [])), *((state.get("projection") or {}).get("inputs", []))]
+
+
+def _refuse_known_source(src: InputSource, key: str, value: str | None, known: list[dict[str, Any]], atlas: Path) -> None:
+    if value is None:
+        return
+    for rec in known:
+        if rec.get(key) == value:
+            what = "file" if key == "fingerprint" else "data"
+            raise DuplicateError(
+                f"{src.name}: the same {what} was already added to {atlas} (as {rec.get('name')}, batch "
+                f"{rec.get('batch')}); pass --allow-duplicates (allow_duplicates=True) to add its cells again"
+            )
 
 
 def ingest(
@@ -139,16 +214,21 @@ def ingest(
     join: Join = "inner",
     profile: Profile = "RNA",
     chunk_rows: int = 10_000,
+    allow_duplicates: bool = False,
+    lock_timeout: float | None = None,
+    measurement: str | None = None,
+    layer: str | None = None,
+    obs_filter: str | None = None,
 ) -> IngestReport:
-    """Ingest inputs into the atlas at ``store``: create it, or append new batches to it.
+    """Ingest inputs into the atlas at ``store``: create it, or append new batches to it (one transaction).
 
     Parameters
     ----------
     store
-        Atlas path. Created when absent (atomically: written aside, then renamed into place); otherwise the
-        inputs are appended as new cells without rewriting the existing ones.
+        Atlas path. Created when absent; otherwise the inputs are appended as new cells without rewriting the
+        existing ones. Either way the atlas changes in one atomic step, or not at all.
     inputs
-        Paths (``.h5ad``, ``.h5``, AnnData ``.zarr``, 10x MTX directories), in-memory AnnData objects, or
+        Paths (``.h5ad``, ``.h5``, AnnData ``.zarr``, 10x MTX directories, TileDB-SOMA experiments), in-memory AnnData objects, or
         :class:`~scalex_scale.store.readers.InputSource` objects (e.g. from :func:`~scalex_scale.store.readers.from_chunks`).
     batch_key
         Read each cell's batch from this obs column.
@@ -163,6 +243,15 @@ def ingest(
         ``"RNA"`` or ``"ATAC"``; the default profile of later preprocessing.
     chunk_rows
         Cells read per chunk.
+    allow_duplicates
+        Add the cells even if the same cell names are already in the same batch, or the same source file or data
+        was added before (refused by default: it is almost always a mistake).
+    lock_timeout
+        Seconds to wait for another writer of the atlas (None: wait; 0: fail at once).
+    measurement, layer, obs_filter
+        For TileDB-SOMA experiments (e.g. CELLxGENE Census; ``soma://URI`` or a local experiment directory):
+        the measurement (default ``"RNA"``), its X layer (default ``"raw"``) and a tiledbsoma ``value_filter``
+        on obs (e.g. ``"tissue_general == 'blood'"``). See :func:`~scalex_scale.store.readers_soma.open_soma`.
     """
     if profile not in ("RNA", "ATAC"):
         raise InputError(f"unknown profile {profile!r} (expected 'RNA' or 'ATAC')")
@@ -170,118 +259,124 @@ def ingest(
         raise InputError(f"unknown join {join!r} (expected 'inner' or 'outer')")
     if not inputs:
         raise InputError("no inputs given")
-    store = Path(store)
-    sources = [open_input(obj, i) for i, obj in enumerate(inputs)]
+    soma = {k: v for k, v in {"measurement": measurement, "layer": layer, "obs_filter": obs_filter}.items() if v is not None}
+    sources = [open_input(obj, i, soma=soma) for i, obj in enumerate(inputs)]
+    options = AppendOptions(batch_key, batch_names, chunk_rows, profile, join, allow_duplicates)
     try:
-        if store.exists():
-            atlas = Atlas.open(store, mode="r+")
-            return _append(atlas, sources, batch_key, batch_names, chunk_rows, profile, join)
-        tmp = store.with_name(f".{store.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            atlas = Atlas.create(tmp, _joined_genes(sources, join))
-            report = _append(atlas, sources, batch_key, batch_names, chunk_rows, profile, join)
-            tmp.replace(store)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return IngestReport(**{**report.__dict__, "path": str(store)})
+        with transaction(store, "ingest", lock_timeout=lock_timeout) as txn:
+            atlas = txn.create(_joined_genes(sources, join)) if txn.is_new else txn.atlas
+            return append(atlas, sources, options)
     finally:
         for src in sources:
             src.close()
 
 
-def _append(
-    atlas: Atlas,
-    sources: Sequence[InputSource],
-    batch_key: str | None,
-    batch_names: Sequence[str] | None,
-    chunk_rows: int,
-    profile: Profile,
-    join: Join,
-) -> IngestReport:
+def append(atlas: Atlas, sources: Sequence[InputSource], options: AppendOptions = AppendOptions()) -> IngestReport:
+    """Append the sources' cells to a writable atlas (inside a transaction): X, obs, obsm rows, the input record.
+
+    New cells get NaN in every existing ``obsm`` array (until embedded).
+    """
     genes = atlas.var_names
     gene_pos = pd.Series(np.arange(len(genes)), index=genes)
-    labels = _batch_labels(sources, batch_key, batch_names)
+    labels = _batch_labels(sources, options.batch_key, options.batch_names)
     old_obs = atlas.obs
+    state = atlas.state
+    known = _recorded_inputs(state)
     n0, nnz0 = atlas.n_obs, int(atlas.indptr[-1])
-    obsm = {k: atlas.root["obsm"][k].shape[1] for k in atlas.obsm_keys()}
-    write_journal(atlas.path, {"op": "append", "n_obs": n0, "nnz": nnz0, "n_vars": atlas.n_vars, "obsm": obsm})
     x = atlas.root["X"]
     data, indices, indptr = Appender(x["data"]), Appender(x["indices"]), Appender(x["indptr"])
-    names = _Names(old_obs.index)
+    old_batch = old_obs["batch"].to_numpy() if "batch" in old_obs else np.zeros(0, dtype=object)
+    names = _Names(old_obs.index, np.asarray(old_batch, dtype=object), options.allow_duplicates, atlas.path)
     obs_parts: list[pd.DataFrame] = []
     missing, dropped, added = {}, {}, {}
+    records = []
     warned: set[str] = set()
     offset = nnz0
-    try:
-        for src, label in zip(sources, labels, strict=True):
-            mapping = gene_pos.reindex(src.var_names).fillna(-1).to_numpy().astype(np.int64)
-            n_match = int((mapping >= 0).sum())
-            if n_match == 0:
-                raise InputError(f"{src.name}: none of its genes are in the atlas (genes are matched by name)")
-            missing[src.name] = len(genes) - n_match
-            dropped[src.name] = len(src.var_names) - n_match
-            n_rows = 0
-            for chunk, obs in src.iter_chunks(chunk_rows):
-                chunk = _remap(_validate(chunk, src, n_rows, warned), mapping, len(genes))
-                if isinstance(label, tuple):
-                    if label[1] not in obs.columns:
-                        raise InputError(
-                            f"{src.name}: no obs column {label[1]!r} for the batch "
-                            f"(columns: {', '.join(map(str, obs.columns)) or 'none'})"
-                        )
-                    batch = obs[label[1]].astype(str).to_numpy()
-                else:
-                    batch = np.full(chunk.shape[0], label, dtype=object)
-                obs = obs.copy()
-                obs.index = names(obs.index, batch)
-                obs["batch"] = batch
-                obs_parts.append(obs)
-                for b, n in zip(*np.unique(batch.astype(str), return_counts=True), strict=True):
-                    added[str(b)] = added.get(str(b), 0) + int(n)
-                data.append(chunk.data)
-                indices.append(chunk.indices)
-                indptr.append(chunk.indptr[1:].astype(np.int64) + offset)
-                offset += chunk.nnz
-                n_rows += chunk.shape[0]
-            if n_rows == 0:
-                raise InputError(f"{src.name}: has no cells (empty input)")
-            if missing[src.name] and atlas.n_obs > 0:
-                log.warning("%s: %d atlas genes missing (filled with 0)", src.name, missing[src.name])
-        for app in (data, indices, indptr):
-            app.flush()
-        new_obs = _concat_obs(old_obs, obs_parts)
-        n_total = new_obs.shape[0]
-        for key, n_cols in obsm.items():  # keep obsm aligned: new cells get NaN until embedded
-            arr = atlas.root["obsm"][key]
-            arr.resize((n_total, n_cols))
-            arr[n0:n_total] = np.full((n_total - n0, n_cols), np.nan, dtype=arr.dtype)
-        atlas.write_obs(new_obs)
-        x.attrs["shape"] = [n_total, len(genes)]
-        state = atlas.state
-        record = state.get("ingest") or {"profile": profile, "join": join, "inputs": []}
-        record["inputs"] = record["inputs"] + [
-            {"name": s.name, "batch": lab if isinstance(lab, str) else f"obs[{lab[1]!r}]"} for s, lab in zip(sources, labels, strict=True)
-        ]
-        state["ingest"] = record
-        atlas.write_state(state)
-        atlas.consolidate()
-        clear_journal(atlas.path)
-    except BaseException:
-        recover(atlas.path)
-        raise
+    for src, label in zip(sources, labels, strict=True):
+        if not options.allow_duplicates:
+            _refuse_known_source(src, "fingerprint", src.fingerprint, known + records, atlas.path)
+        mapping = gene_pos.reindex(src.var_names).fillna(-1).to_numpy().astype(np.int64)
+        n_match = int((mapping >= 0).sum())
+        if n_match == 0:
+            raise InputError(f"{src.name}: none of its genes are in the atlas (genes are matched by name)")
+        missing[src.name] = len(genes) - n_match
+        dropped[src.name] = len(src.var_names) - n_match
+        content = hashlib.blake2b(digest_size=16)
+        n_rows = 0
+        for chunk, obs in src.iter_chunks(options.chunk_rows):
+            chunk = _remap(_validate(chunk, src, n_rows, warned), mapping, len(genes))
+            if isinstance(label, tuple):
+                if label[1] not in obs.columns:
+                    raise InputError(
+                        f"{src.name}: no obs column {label[1]!r} for the batch "
+                        f"(columns: {', '.join(map(str, obs.columns)) or 'none'})"
+                    )
+                batch = obs[label[1]].astype(str).to_numpy()
+            else:
+                batch = np.full(chunk.shape[0], label, dtype=object)
+            for part in (obs.index.astype(str).to_numpy().astype(bytes), chunk.indptr, chunk.indices, chunk.data):
+                content.update(np.ascontiguousarray(part).tobytes())
+            obs = obs.copy()
+            obs.index = names(obs.index, batch, src.name)
+            obs["batch"] = batch
+            obs_parts.append(obs)
+            for b, n in zip(*np.unique(batch.astype(str), return_counts=True), strict=True):
+                added[str(b)] = added.get(str(b), 0) + int(n)
+            data.append(chunk.data)
+            indices.append(chunk.indices)
+            indptr.append(chunk.indptr[1:].astype(np.int64) + offset)
+            offset += chunk.nnz
+            n_rows += chunk.shape[0]
+        if n_rows == 0:
+            raise InputError(f"{src.name}: has no cells (empty input)")
+        record = {
+            "name": src.name,
+            "batch": label if isinstance(label, str) else f"obs[{label[1]!r}]",
+            "n_cells": n_rows,
+            "fingerprint": src.fingerprint,
+            "content": content.hexdigest(),
+        }
+        if not options.allow_duplicates:
+            _refuse_known_source(src, "content", record["content"], known + records, atlas.path)
+        records.append(record)
+        if missing[src.name] and n0 > 0:
+            log.warning("%s: %d atlas genes missing (filled with 0)", src.name, missing[src.name])
+    for app in (data, indices, indptr):
+        app.flush()
+    new_obs = _concat_obs(old_obs, obs_parts)
+    n_total = new_obs.shape[0]
+    for key in atlas.obsm_keys():  # keep obsm aligned: new cells get NaN until embedded
+        arr = atlas.root["obsm"][key]
+        n_cols = arr.shape[1]
+        arr.resize((n_total, n_cols))
+        arr[n0:n_total] = np.full((n_total - n0, n_cols), np.nan, dtype=arr.dtype)
+    atlas.write_obs(new_obs)
+    x.attrs["shape"] = [n_total, len(genes)]
+    section = state.get(options.record) or {}
+    if options.record == "ingest":
+        section.setdefault("profile", options.profile)
+        section.setdefault("join", options.join)
+    section["inputs"] = list(section.get("inputs", [])) + records
+    state[options.record] = section
+    atlas.write_state(state)
     atlas.refresh()
-    return IngestReport(str(atlas.path), n_total - n0, added, len(genes), missing, dropped, names.renamed)
+    return IngestReport(str(atlas.path), n_total - n0, added, len(genes), missing, dropped, names.renamed, n0)
 
 
 def _concat_obs(old: pd.DataFrame, parts: list[pd.DataFrame]) -> pd.DataFrame:
     frames = [old.astype({"batch": str}) if "batch" in old else old] + parts
     obs = pd.concat([f for f in frames if f.shape[0] or f is old], axis=0, join="outer")
     for col in obs.columns:
-        if obs[col].dtype == object or isinstance(obs[col].dtype, pd.CategoricalDtype):
-            obs[col] = obs[col].astype(str).where(obs[col].notna(), None).astype("category")
+        values = obs[col]
+        if values.dtype == object and values.dropna().map(lambda v: isinstance(v, bool | np.bool_)).all():
+            obs[col] = values.astype("boolean")  # a bool column missing from some inputs: keep it boolean
+        elif values.dtype == object or isinstance(values.dtype, pd.CategoricalDtype):
+            obs[col] = values.astype(str).where(values.notna(), None).astype("category")
     old_cats = list(old["batch"].cat.categories) if "batch" in old else []
     new_cats = old_cats + [c for c in pd.unique(obs["batch"].astype(str)) if c not in old_cats]
     obs["batch"] = pd.Categorical(obs["batch"].astype(str), categories=new_cats)
     obs.index = obs.index.astype(str)
     return obs
+
+
+__all__ = ["AppendOptions", "IngestReport", "append", "ingest"]

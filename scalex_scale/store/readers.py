@@ -3,12 +3,14 @@
 Supported: ``.h5ad`` (opened backed, read in row chunks, never whole), AnnData Zarr stores, 10x Genomics
 MTX directories (``matrix.mtx[.gz]``, ``features.tsv[.gz]``/``genes.tsv[.gz]``, ``barcodes.tsv[.gz]``), 10x
 ``.h5`` files (v2 and v3 layouts), in-memory :class:`anndata.AnnData`, and any iterable of
-``(csr_chunk, obs_chunk)`` pairs (e.g. :func:`scalex_scale.datasets.synthetic_chunks`).
+``(csr_chunk, obs_chunk)`` pairs (e.g. :func:`scalex_scale.datasets.synthetic_chunks`). TileDB-SOMA experiments
+(CELLxGENE Census) are read by :mod:`.readers_soma`.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,8 @@ class InputSource:
     chunks: Callable[[int], Iterator[tuple[Chunk, pd.DataFrame]]]
     n_obs: int | None = None
     close: Callable[[], None] = field(default=lambda: None)
+    #: A cheap fingerprint of the source file(s) (size + head/tail hash), to refuse adding the same file twice.
+    fingerprint: str | None = None
 
     @property
     def stem(self) -> str:
@@ -87,6 +91,8 @@ def to_csr(block: Any, name: str) -> Chunk:
     dtype = getattr(block, "dtype", None)
     if dtype is None or np.dtype(dtype).kind not in "biuf":
         raise InputError(f"{name}: expression matrix has dtype {dtype}; numeric counts are required")
+    if np.dtype(dtype) == np.float16:  # scipy.sparse has no float16: widen (exactly) first
+        block = block.astype(np.float32)
     if sp.issparse(block):
         return sp.csr_matrix(block)
     return sp.csr_matrix(np.asarray(block))
@@ -326,8 +332,51 @@ def from_chunks(
     return InputSource(name, var, chunks, n_obs)
 
 
-def open_input(obj: Any, index: int = 0) -> InputSource:
-    """Open any supported input (path or in-memory AnnData) as an :class:`InputSource`."""
+def file_fingerprint(path: Path, *, head: int = 1 << 20) -> str:
+    """Size and hash of the first and last MiB of a file; of a directory, every file's name and size plus the
+    first MiB of its four largest files."""
+    digest = hashlib.blake2b(digest_size=16)
+    if path.is_file():
+        files, sample = [(path, "")], [path]
+    else:
+        found = sorted(p for p in path.rglob("*") if p.is_file())
+        files = [(p, str(p.relative_to(path))) for p in found]
+        sample = sorted(found, key=lambda p: (-p.stat().st_size, str(p)))[:4]
+    for f, rel in files:
+        digest.update(f"{rel}:{f.stat().st_size};".encode())
+    for f in sample:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            digest.update(fh.read(head))
+            if size > 2 * head:
+                fh.seek(size - head)
+                digest.update(fh.read(head))
+    return digest.hexdigest()
+
+
+def open_input(obj: Any, index: int = 0, *, soma: dict[str, Any] | None = None) -> InputSource:
+    """Open any supported input (path, SOMA URI or in-memory AnnData) as an :class:`InputSource`.
+
+    ``soma``: keyword arguments of :func:`~scalex_scale.store.readers_soma.open_soma` (``measurement``, ``layer``,
+    ``obs_filter``); an error for an input that is not a SOMA experiment, rather than silently unused. Local files
+    get a :func:`file_fingerprint` (a SOMA experiment is identified by its content hash only).
+    """
+    from .readers_soma import is_soma_uri, open_soma
+
+    if is_soma_uri(obj):
+        return open_soma(str(obj), **(soma or {}))
+    if soma:
+        raise InputError(
+            f"input #{index} ({obj if isinstance(obj, str | Path) else type(obj).__name__}): "
+            f"{', '.join(sorted(soma))} apply to TileDB-SOMA experiments only, and this is not one"
+        )
+    source = _open_input(obj, index)
+    if source.fingerprint is None and isinstance(obj, str | Path):
+        source.fingerprint = file_fingerprint(Path(obj))
+    return source
+
+
+def _open_input(obj: Any, index: int = 0) -> InputSource:
     try:
         import anndata
 

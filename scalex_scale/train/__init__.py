@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from scalex_scale.train.checkpoint import (
     FORMAT_VERSION,
+    check_resumable,
     load_checkpoint,
     load_trainer_state,
+    model_id,
+    read_model_config,
     save_checkpoint,
 )
 from scalex_scale.train.config import TrainConfig, cpu_has_bf16, resolve_device
@@ -27,9 +30,12 @@ __all__ = [
     "Trainer",
     "TrainerState",
     "all_reduce_epoch_loss",
+    "check_resumable",
     "cpu_has_bf16",
     "load_checkpoint",
     "load_trainer_state",
+    "model_id",
+    "read_model_config",
     "save_checkpoint",
     "resolve_device",
 ]

@@ -40,10 +40,12 @@ Agreement between ranks
   decision, so every rank sees the same epoch loss (the mean over all ranks' batches; the recorded
   ``EpochRecord.n_batches`` counts the batches of all ranks) and stops at the same epoch with the same
   best weights.
-- Same weights: DDP broadcasts rank 0's parameters and buffers when wrapping and its buffers
-  (BatchNorm / DSBN running statistics) before every forward; averaged gradients and identical Adam
-  states keep the parameters identical. Buffers are updated locally after that broadcast, so they
-  differ between ranks after the last step (except synchronized DSBN's): :func:`sync_buffers`.
+- Same weights: DDP broadcasts rank 0's parameters when wrapping; averaged gradients
+  and identical Adam states keep the parameters identical. Buffers (BatchNorm / DSBN running
+  statistics) are NOT broadcast before every forward (``broadcast_buffers=False``, see
+  :func:`wrap_ddp`): each rank keeps its own running statistics during training (synchronized
+  DSBN's are identical anyway), and :func:`sync_buffers` gives every rank rank 0's after the last
+  step; checkpoints are rank 0's.
 - Reparameterization noise: :func:`rank_config` gives each rank its own noise stream (rank 0 keeps
   ``config.seed``, so a one-process run equals a non-distributed one).
 
@@ -411,8 +413,9 @@ def wrap_ddp(
 
     ``SCALEXModule.forward`` is the training loss, so the wrapper is the Trainer's ``train_module``
     (``Trainer(module, config, train_module=ddp, ...)``; the Trainer's optimizer and checkpoints use
-    the bare ``module``, which is ``ddp.module``). Wrapping broadcasts rank 0's parameters and buffers
-    to every rank (and DDP checks that the parameter shapes agree).
+    the bare ``module``, which is ``ddp.module``). Wrapping broadcasts rank 0's parameters to every
+    rank (its buffers too only with ``broadcast_buffers=True``; modules built with the same seed
+    start with equal buffers anyway), and DDP checks that the parameter shapes agree.
 
     Parameters
     ----------
@@ -427,10 +430,23 @@ def wrap_ddp(
     process_group
         Group for DDP and synchronized DSBN (None: the world).
     **ddp_kwargs
-        Passed to ``DistributedDataParallel`` (defaults: ``broadcast_buffers=True``,
+        Passed to ``DistributedDataParallel`` (defaults: ``broadcast_buffers=False``,
         ``find_unused_parameters=False``; every parameter is used at every step).
+
+    Notes
+    -----
+    ``broadcast_buffers=False`` saves one collective per step (rank 0's ``2 * 1024 + 2 * D * F``
+    floats of running statistics, launched and waited for before every forward) and changes nothing
+    that is kept: rank 0 would only receive its own buffers; the encoder BatchNorm uses batch
+    statistics in training, so its running statistics matter only for the final (rank 0's) model;
+    DSBN running statistics are used in training only for a domain with a single row in a rank's
+    mini-batch, where each rank now uses its own running estimate (of the same cells' distribution:
+    every rank's rows are a uniform sample) instead of rank 0's; with ``sync_dsbn`` they are
+    identical on all ranks anyway. :func:`sync_buffers` after training makes every rank hold rank
+    0's buffers. Pass ``broadcast_buffers=True`` for the DDP default.
     """
     module.to(ctx.device)
+    ddp_kwargs.setdefault("broadcast_buffers", False)
     if sync_dsbn:
         convert_sync_dsbn(module, process_group)
     if ctx.device.type == "cuda":
@@ -442,10 +458,10 @@ def wrap_ddp(
 def sync_buffers(module: nn.Module, ctx: DistributedContext, *, src: int = 0) -> None:
     """Copy rank ``src``'s buffers (BatchNorm / DSBN running statistics) to every rank; a collective.
 
-    DDP broadcasts rank 0's buffers at the START of each forward, after which every rank updates
-    them with its own rows, so after the last step (and in the best-weights snapshot the Trainer
-    restores) the encoder BatchNorm's running statistics, and the DSBN ones unless ``sync_dsbn``,
-    differ between ranks. Call this after ``Trainer.fit`` so every rank holds exactly the model
+    Every rank updates its buffers with its own rows (:func:`wrap_ddp` does not broadcast them per
+    step), so after the last step (and in the best-weights snapshot the Trainer restores) the
+    encoder BatchNorm's running statistics, and the DSBN ones unless ``sync_dsbn``, differ between
+    ranks. Call this after ``Trainer.fit`` so every rank holds exactly the model
     rank 0 checkpoints (parameters are identical already).
     """
     for buffer in module.buffers():

@@ -3,7 +3,9 @@
 The loop lives apart from the module (:mod:`scalex_scale.nn`) and from files
 (:mod:`scalex_scale.train.checkpoint`). Device-to-host syncs happen once per epoch (reading the
 epoch's loss sums), once per ``log_every`` steps when the progress bar is shown, when a
-:class:`TrainerState` snapshot is taken, and once at the end for the timing.
+:class:`TrainerState` snapshot is taken, and once at the end for the timing. On CUDA each batch
+is copied to the device one step ahead, on a side stream (one copy of a packed batch), and
+densified on the compute stream; ``bench/step_ops.py`` counts what one step launches.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from tqdm.auto import tqdm
 from scalex_scale.nn.vae import LossOutput, SCALEXModule
 from scalex_scale.train.config import TrainConfig, cpu_has_bf16, resolve_device
 
-if TYPE_CHECKING:  # the loader layer is not needed at run time
-    from scalex_scale.data.batch import CSRBatch
+from scalex_scale.data.device import device_batches
+
+if TYPE_CHECKING:
+    from scalex_scale.data.batch import CSRBatch, StagedBatch
 
 #: Warm-up steps (eager, on a side stream) before a CUDA graph is captured.
 GRAPH_WARMUP_STEPS = 3
@@ -36,7 +40,9 @@ class EpochLoader(Protocol):
     """What :meth:`Trainer.fit` needs from a loader.
 
     ``epoch(e, start_batch=b)`` must yield the same batches as ``epoch(e)`` from its ``b``-th batch
-    on (that makes mid-epoch resume exact).
+    on (that makes mid-epoch resume exact). Batches need ``stage(device)`` and ``n_cells``
+    (:class:`~scalex_scale.data.batch.CSRBatch` has them); the Trainer stages each batch once, one
+    batch ahead of the step (:func:`~scalex_scale.data.device.device_batches`).
     """
 
     @property
@@ -46,7 +52,7 @@ class EpochLoader(Protocol):
 
 
 ReduceEpochLoss = Callable[[torch.Tensor], torch.Tensor]
-"""Hook for data parallelism: receives the (4,) float32 device tensor
+"""Hook for data parallelism: receives the (4,) float64 device tensor
 ``[sum loss, sum recon, sum kl, n_batches]`` of this rank's epoch and returns the sum over ranks."""
 
 
@@ -135,7 +141,7 @@ class TrainerState:
 
     ``epoch`` is the epoch in progress and ``batch`` the number of its batches already run, so a
     resumed run calls ``loader.epoch(epoch, start_batch=batch)``; ``epoch_sums`` holds the partial
-    float32 sums (loss, recon, kl) of that epoch.
+    sums (loss, recon, kl) of that epoch, accumulated in float64 (float32 in states written before).
     """
 
     epoch: int
@@ -246,9 +252,10 @@ class Trainer:
             **({"capturable": self.config.cuda_graphs} if on_cuda else {}),
         )
         self.generator = torch.Generator(device=self.device).manual_seed(int(self.config.seed))
-        # Epoch sums (loss, recon, kl) accumulate here on the device; never reallocated (a CUDA graph
-        # captures its address).
-        self._sums = torch.zeros(3, device=self.device, dtype=torch.float32)
+        # Epoch sums (loss, recon, kl) accumulate here on the device, in float64 (a float32 sum of
+        # 15k per-batch losses of ~1e3 would carry ~1e-3 relative error); never reallocated (a CUDA
+        # graph captures its address).
+        self._sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         self._progress = _Progress()
         self._best_state: dict[str, torch.Tensor] | None = None
         self._graph: _GraphedStep | None = _GraphedStep(self) if self.config.cuda_graphs else None
@@ -347,6 +354,7 @@ class Trainer:
             out = self._forward(x, domain, kl_weight=self.config.kl_weight, noise=noise)
         out.loss.backward()
         self.optimizer.step()
+        # float32 terms added into the float64 sums (one kernel: add_ casts)
         self._sums.add_(torch.stack([out.loss, out.recon, out.kl]).detach())
 
     def _eager_step(self, x: torch.Tensor, domain: torch.Tensor, *, set_to_none: bool = True) -> None:
@@ -354,11 +362,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._compute(x, domain, noise)
 
-    def _step(self, x: torch.Tensor, domain: torch.Tensor) -> None:
+    def _step(self, batch: StagedBatch) -> None:
         if self._graph is not None:
-            self._graph(x, domain)
+            self._graph(batch)
         else:
-            self._eager_step(x, domain)
+            self._eager_step(batch.densify(torch.float32), batch.domain)
 
     # ------------------------------------------------------------------ fit
     def fit(
@@ -417,14 +425,14 @@ class Trainer:
                     break
                 batches = loader.epoch(p.epoch, start_batch=p.batch)
                 try:
-                    for batch in batches:
+                    # host-to-device copies one batch ahead, on a side stream (CUDA)
+                    for batch in device_batches(batches, self.device):
                         if p.iteration >= cfg.max_iterations:
                             break
                         if pause_at_iteration is not None and p.iteration >= pause_at_iteration:
                             paused = True
                             break
-                        x, domain = batch.to_dense(self.device, torch.float32)
-                        self._step(x, domain)
+                        self._step(batch)
                         p.iteration += 1
                         p.batch += 1
                         cells += batch.n_cells
@@ -515,10 +523,18 @@ class _GraphedStep:
 
     The first :data:`GRAPH_WARMUP_STEPS` batches are ordinary eager steps on a side stream (they
     trigger lazy initialization, Triton autotuning and ``torch.compile``); the next batch fixes the
-    static shapes, the step is captured once and then replayed for every batch. Inputs are copied
-    into static buffers and the reparameterization noise is drawn eagerly from the trainer's
+    static shapes, the step is captured once and then replayed for every batch. Each batch is
+    densified straight into the static input buffer (no extra copy), its domains copied into the
+    static domain buffer, and the reparameterization noise is drawn eagerly from the trainer's
     generator into a static buffer before each replay, so the generator advances exactly as in
     eager mode. A batch of another size (no drop_last) runs eagerly on the captured gradients.
+
+    The capture runs in ``thread_local`` error mode: CUDA calls of OTHER threads during the capture
+    (the loader thread waiting on a copy event, or pinning memory) are legal and do not invalidate
+    it; only this thread must not call unsafe CUDA APIs, and nothing in the captured step does.
+    (In the default ``global`` mode any thread's ``cudaEventQuery``/``cudaHostAlloc`` during the
+    capture invalidates it, and the error then surfaces in whichever thread called.) The loader's
+    pinned slots are allocated before the first batch is handed out, hence before the capture.
 
     Requires every op of the step to be capturable (no host syncs): the fused DSBN kernel is.
     """
@@ -531,9 +547,10 @@ class _GraphedStep:
         self.static_domain: torch.Tensor | None = None
         self.static_noise: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, domain: torch.Tensor) -> None:
+    def __call__(self, batch: StagedBatch) -> None:
         t = self.trainer
         if self.graph is None:
+            x, domain = batch.densify(torch.float32), batch.domain
             if self.n_warm < GRAPH_WARMUP_STEPS:
                 side = torch.cuda.Stream(device=t.device)
                 side.wait_stream(torch.cuda.current_stream(t.device))
@@ -545,12 +562,12 @@ class _GraphedStep:
             self._capture(x, domain)
         assert self.static_x is not None and self.static_domain is not None
         assert self.static_noise is not None and self.graph is not None
-        if x.shape != self.static_x.shape:
-            t._eager_step(x, domain, set_to_none=False)
+        if batch.n_cells != self.static_x.shape[0]:
+            t._eager_step(batch.densify(torch.float32), batch.domain, set_to_none=False)
             return
-        self.static_x.copy_(x)
-        self.static_domain.copy_(domain)
-        t._draw_noise(x.shape[0], out=self.static_noise)
+        batch.densify(torch.float32, out=self.static_x)
+        self.static_domain.copy_(batch.domain)
+        t._draw_noise(batch.n_cells, out=self.static_noise)
         self.graph.replay()
 
     def _capture(self, x: torch.Tensor, domain: torch.Tensor) -> None:
@@ -564,6 +581,6 @@ class _GraphedStep:
         # them into graph-owned memory that the captured optimizer step reads.
         t.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             t._compute(self.static_x, self.static_domain, self.static_noise)
         self.graph = graph
