@@ -22,7 +22,7 @@ from _env import RESULT_TAG, peak_rss_mb  # noqa: E402
 
 def _synthetic_config(a: dict[str, Any]):
     """The SyntheticConfig of the ``synthetic`` and ``synthetic_h5ad`` stages (same args, same data)."""
-    from scalex_scale.datasets import SyntheticConfig
+    from scalex_scale.synthetic import SyntheticConfig
 
     return SyntheticConfig(
         n_cells=a["n_cells"], n_genes=a.get("n_genes", 5000), n_batches=a.get("n_batches", 8),
@@ -35,8 +35,8 @@ def stage_synthetic(a: dict[str, Any]) -> dict[str, Any]:
     """Generate a synthetic atlas straight into a store, chunk by chunk (flat memory)."""
     import shutil
 
-    from scalex_scale.datasets import synthetic_chunks, synthetic_var
     from scalex_scale.store import from_chunks, ingest
+    from scalex_scale.synthetic import synthetic_chunks, synthetic_var
 
     cfg = _synthetic_config(a)
     shutil.rmtree(a["store"], ignore_errors=True)
@@ -51,7 +51,7 @@ def stage_synthetic_h5ad(a: dict[str, Any]) -> dict[str, Any]:
     """The same synthetic data (same config and seed as ``synthetic``) as one .h5ad, written chunk by chunk.
 
     The input every other tool reads (the reference, the peers, ``ingest_h5ad``): ``X`` CSR float32 raw counts
-    (int32 indices, int64 indptr, uncompressed), ``obs`` and ``var`` as :func:`scalex_scale.datasets.make_synthetic`
+    (int32 indices, int64 indptr, uncompressed), ``obs`` and ``var`` as :func:`scalex_scale.synthetic.make_synthetic`
     gives them, empty ``uns``. Memory stays flat (one generated chunk at a time plus ``obs``), so it also runs past
     the sizes that fit in memory.
     """
@@ -60,7 +60,7 @@ def stage_synthetic_h5ad(a: dict[str, Any]) -> dict[str, Any]:
     import pandas as pd
     from anndata.io import write_elem
 
-    from scalex_scale.datasets import synthetic_chunks, synthetic_var
+    from scalex_scale.synthetic import synthetic_chunks, synthetic_var
 
     cfg = _synthetic_config(a)
     path = Path(a["path"])
@@ -152,8 +152,8 @@ def stage_quality(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def stage_preprocess(a: dict[str, Any]) -> dict[str, Any]:
-    from scalex_scale.preprocess.pipeline import preprocess
     from scalex_scale.store import Atlas
+    from scalex_scale.workflows.preprocess import preprocess
 
     t0 = time.perf_counter()
     state = preprocess(a["store"], min_features=a.get("min_features"), n_top_features=a.get("n_top_features"))
@@ -202,7 +202,7 @@ def stage_transfer(a: dict[str, Any]) -> dict[str, Any]:
     from scalex_scale import api
 
     t0 = time.perf_counter()
-    from scalex_scale.transfer import TransferConfig
+    from scalex_scale.metrics.label_transfer import TransferConfig
 
     config = TransferConfig(k=a["k"]) if a.get("k") else None  # default: k chosen by cross-validation
     summary = api.transfer(a["store"], a.get("label_key", "celltype"), query_batches=a.get("query_batches"), config=config)

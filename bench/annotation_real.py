@@ -383,7 +383,7 @@ def absorption(ref_X: np.ndarray, ref_lab: np.ndarray, q_X: np.ndarray, q_lab: n
 
 
 def knn_rows(ref_X, ref_lab, q_X, q_lab, prefix: str, labelled: bool) -> dict:
-    from scalex_scale.transfer import knn_classifier_transfer
+    from scalex_scale.metrics.label_transfer import knn_classifier_transfer
 
     out = {}
     for k in (5, 30):

@@ -74,7 +74,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], data_dir: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS=str(spec["threads"]))
     torch.set_num_threads(spec["threads"])
-    from scalex_scale.data import InMemorySource, TrainingLoader
+    from scalex_scale.data import InMemorySource, LoaderConfig, TrainingLoader
     from scalex_scale.nn import SCALEXModule
     from scalex_scale.train import TrainConfig, Trainer, all_reduce_epoch_loss
     from scalex_scale.train.distributed import init_distributed, rank_config, shutdown, wrap_ddp
@@ -90,8 +90,11 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], data_dir: st
         per_rank = spec["per_rank_batch"]
         config = TrainConfig(max_iterations=spec["warmup"] + spec["steps"], batch_size=per_rank, device=spec["device"],
                              progress=False, patience=10**9)
-        loader = TrainingLoader(source, batch_size=per_rank, rank=ctx.rank, world_size=ctx.world_size, seed=0,
-                                num_workers=1, prefetch=2)
+        loader = TrainingLoader(
+            source,
+            LoaderConfig(batch_size=per_rank, seed=0, num_workers=1, prefetch=2),
+            rank=ctx.rank, world_size=ctx.world_size,
+        )
         trainer = Trainer(module, rank_config(config, ctx), train_module=ddp,
                           reduce_epoch_loss=all_reduce_epoch_loss())
         trainer.fit(loader, pause_at_iteration=spec["warmup"])

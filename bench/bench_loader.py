@@ -144,7 +144,7 @@ def measure(
     The clock starts before the first batch is requested, so the pipeline's start-up (one buffer read
     and gathered) and the restart at each epoch boundary are included.
     """
-    loader = TrainingLoader(source, batch_size=batch_size, **loader_kwargs)
+    loader = TrainingLoader(source, LoaderConfig(batch_size=batch_size, **loader_kwargs))
     cells = batches = 0
     first = 0.0
     t0 = time.perf_counter()

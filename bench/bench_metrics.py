@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scalex_scale.metrics import EvaluateConfig, evaluate  # noqa: E402
 from scalex_scale.metrics.knn import resolve_method  # noqa: E402
-from scalex_scale.transfer import knn_classifier_transfer, transfer_labels  # noqa: E402
+from scalex_scale.metrics.label_transfer import knn_classifier_transfer, transfer_labels  # noqa: E402
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 

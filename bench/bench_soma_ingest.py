@@ -3,7 +3,7 @@
     python bench/bench_soma_ingest.py [--sizes 100000,1000000] [--n-genes 5000] [--genes-per-cell 1000]
 
 For every size, two fresh processes: one writes a local SOMA experiment of synthetic cells
-(:mod:`scalex_scale.datasets`, the generator of ``run_scaling.py``) chunk by chunk with tiledbsoma's low-level
+(:mod:`scalex_scale.synthetic`, the generator of ``run_scaling.py``) chunk by chunk with tiledbsoma's low-level
 API (obs ``DataFrame`` with ``obs_id`` and categorical columns, measurement ``RNA``, X layer ``raw``, a float32
 ``SparseNDArray``), so writing does not hold all cells either; the other times ``ingest(atlas, [experiment],
 batch_key="batch")`` and records its peak RSS (``getrusage`` of that process). The experiment and the atlas are
@@ -27,7 +27,7 @@ from _env import REPO, RESULT_TAG, peak_rss_mb, results_dir, write_json  # noqa:
 
 
 def _config(a: dict[str, Any]):
-    from scalex_scale.datasets import SyntheticConfig
+    from scalex_scale.synthetic import SyntheticConfig
 
     return SyntheticConfig(
         n_cells=a["n_cells"], n_genes=a["n_genes"], n_batches=8, n_celltypes=12,
@@ -41,7 +41,7 @@ def child_write(a: dict[str, Any]) -> dict[str, Any]:
     import pyarrow as pa
     import tiledbsoma as soma
 
-    from scalex_scale.datasets import synthetic_chunks, synthetic_var
+    from scalex_scale.synthetic import synthetic_chunks, synthetic_var
 
     cfg = _config(a)
     uri = a["uri"]

@@ -54,8 +54,8 @@ WORK = HERE / "_work"
 
 def our_cellbench_atlas(path: Path) -> dict:
     from scalex_scale import api
-    from scalex_scale.preprocess.pipeline import preprocess
     from scalex_scale.store import Atlas
+    from scalex_scale.workflows.preprocess import preprocess
 
     if not (path.exists() and "preprocess" in Atlas.open(path).state):
         shutil.rmtree(path, ignore_errors=True)
@@ -95,14 +95,16 @@ def profile_ours(store: str, iterations: int) -> dict:
     forward (loss), backward, optimizer. Synchronous timers in a standalone loop mirroring the trainer's step."""
     import torch
 
-    from scalex_scale.data.loader import TrainingLoader
+    from scalex_scale.data.loader import LoaderConfig, TrainingLoader
     from scalex_scale.nn import SCALEXModule
     from scalex_scale.store import Atlas
 
     atlas = Atlas.open(store)
     st = atlas.state["preprocess"]
     src = atlas.training_matrix()
-    loader = TrainingLoader(src, batch_size=64, seed=0, rank=0, world_size=1, drop_last=True, pin_memory=False)
+    loader = TrainingLoader(
+        src, LoaderConfig(batch_size=64, seed=0, drop_last=True), rank=0, world_size=1, pin_memory=False
+    )
     module = SCALEXModule(len(st["features"]), len(st["batches"]), seed=0)
     opt = torch.optim.Adam(module.parameters(), lr=2e-4, weight_decay=5e-4, fused=True)  # as the Trainer
     module.train()

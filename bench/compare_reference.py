@@ -17,7 +17,7 @@ Our preprocessing scales per batch (the method; our default); the reference 1.0.
 runs ours with global scaling too (cached apart, written to ``compare_reference[_bf16]_global.json``).
 
 Datasets: ``cellbench`` (/work/shared/data/cellbench_lung_celllines.h5ad, obs batch/celltype) and ``synthetic``
-(scalex_scale.datasets, 4000 cells x 3000 genes, 4 batches, 6 types, partial overlap, mean 1000 genes/cell,
+(scalex_scale.synthetic, 4000 cells x 3000 genes, 4 batches, 6 types, partial overlap, mean 1000 genes/cell,
 seed 0, written to an .h5ad in the work dir; which types are batch-specific is recorded).
 
 Per tool and seed: the latent (reference: its own ``latent.npy`` = train-mode embedding, what its users get;
@@ -64,7 +64,7 @@ SYNTH = dict(n_cells=4000, n_genes=3000, n_batches=4, n_celltypes=6, mean_genes_
 def synthetic_h5ad(workdir: Path, overrides: dict | None = None, name: str = "synthetic_4k") -> tuple[Path, dict]:
     """Write the synthetic partially-overlapping set (SYNTH, updated with ``overrides``) to ``workdir/name.h5ad``;
     return its path and the presence table."""
-    from scalex_scale.datasets import SyntheticConfig, celltype_presence, make_synthetic
+    from scalex_scale.synthetic import SyntheticConfig, celltype_presence, make_synthetic
 
     config = {**SYNTH, **(overrides or {})}
     cfg = SyntheticConfig(**config)
@@ -254,12 +254,12 @@ def ours_train_mode_diagnosis(ours_dir: Path, seed: int) -> dict:
     import scipy.sparse as sp
     import torch
 
-    from scalex_scale import api
     from scalex_scale.metrics import batch_entropy_mixing_score, silhouette
     from scalex_scale.store import Atlas
+    from scalex_scale.workflows._model import load_model
 
     run = ours_dir / "run"
-    module, _, _, _, _ = api._load_model(run / "model", "cpu")
+    module, _, _, _, _ = load_model(run / "model", "cpu")
     atlas = Atlas.open(run / "atlas.zarr")
     tm = atlas.training_matrix()
     ptr, ind, val, dom = tm.read(0, tm.n_rows)

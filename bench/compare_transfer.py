@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import os
 import shutil
 import sys
 import time
@@ -56,7 +55,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _env import results_dir, write_json  # noqa: E402
 from compare_reference import (  # noqa: E402
-    CELLBENCH, REF_PY, REF_RUNNER, SETTINGS, SYNTH, _run, cached_run, ours_integrate, ref_fit_cmd, run_setup,
+    CELLBENCH,
+    REF_PY,
+    REF_RUNNER,
+    SETTINGS,
+    SYNTH,
+    _run,
+    cached_run,
+    ours_integrate,
+    ref_fit_cmd,
+    run_setup,
     synthetic_h5ad,
 )  # fmt: skip
 
@@ -180,7 +188,7 @@ def label_metrics(true: np.ndarray, pred: np.ndarray, absent: list[str]) -> dict
 
 
 def evaluate(name: str, d: dict, seed: int, od: Path, rd: Path) -> dict:
-    from scalex_scale.transfer import knn_classifier_transfer
+    from scalex_scale.metrics.label_transfer import knn_classifier_transfer
 
     absent = d["absent_types"]
     # reference

@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -61,7 +60,7 @@ SCALING_1M_TIMEOUT = 480
 DRY_TIMEOUTS = {"env": 30, "fit": 60, "dsbn": 60, "tests": 90, "scaling": 180, "ddp": 90}
 #: Files whose tests run their code on CUDA when it is there (besides the gpu-marked tests of every file).
 TEST_FILES = ("tests/test_kernels_dsbn.py", "tests/test_loader.py", "tests/test_train.py",
-              "tests/test_encode_pipeline.py")  # fmt: skip
+              "tests/test_nn_encode.py")  # fmt: skip
 
 #: The issue's targets: (key, description, comparison, threshold).
 TARGETS = (
@@ -171,14 +170,14 @@ def phase_env(args: argparse.Namespace) -> dict[str, Any]:
             b = torch.randn(n_mm, n_mm, device=dev, generator=g).to(dtype)
             for _ in range(3):
                 a @ b
-            sec = _cuda_timing(lambda: a @ b, 10)
+            sec = _cuda_timing(lambda a=a, b=b: a @ b, 10)
             res[f"gemm_{str(dtype).removeprefix('torch.')}_{n_mm}_tflops"] = 2 * n_mm**3 / sec / 1e12
             del a, b
         for kind in ("pinned", "pageable"):
             host = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=kind == "pinned").random_(generator=None)
             dst = torch.empty(host.shape, dtype=torch.uint8, device=dev)
             dst.copy_(host, non_blocking=True)
-            sec = _cuda_timing(lambda: dst.copy_(host, non_blocking=True), 5)
+            sec = _cuda_timing(lambda dst=dst, host=host: dst.copy_(host, non_blocking=True), 5)
             res[f"h2d_{kind}_gb_s"] = host.numel() / sec / 1e9
         src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
@@ -238,7 +237,7 @@ def phase_tests(args: argparse.Namespace) -> dict[str, Any]:
     if _has_module("pytest_timeout") and not args.dry_run:
         base += ["--timeout", "90"]
     if args.dry_run:
-        runs = [("gpu", ["-m", "gpu", "tests/test_train_gpu.py", "tests/test_encode_pipeline.py"])]
+        runs = [("gpu", ["-m", "gpu", "tests/test_train_gpu.py", "tests/test_nn_encode.py"])]
     else:
         runs = [("gpu", ["-m", "gpu", "tests/"]), ("cuda_files", ["-m", "not gpu", *TEST_FILES])]
     t0 = time.perf_counter()

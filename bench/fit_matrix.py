@@ -41,13 +41,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import header, results_dir  # noqa: E402
-
-from scalex_scale.data import InMemorySource, TrainingLoader  # noqa: E402
+from scalex_scale.data import InMemorySource, LoaderConfig, TrainingLoader  # noqa: E402
 from scalex_scale.data.device import device_batches  # noqa: E402
 from scalex_scale.nn import SCALEXModule  # noqa: E402
 from scalex_scale.train import TrainConfig, Trainer, cpu_has_bf16  # noqa: E402
 from scalex_scale.train.profiling import count_step_ops  # noqa: E402
+
+from _env import header, results_dir  # noqa: E402
 
 
 def synthetic_source(n_rows: int, n_features: int, nnz: int, n_domains: int, seed: int = 0) -> InMemorySource:
@@ -98,8 +98,11 @@ def _config(args: argparse.Namespace, batch: int, precision: str, graphs: bool, 
 
 
 def _loader(source: InMemorySource, args: argparse.Namespace, batch: int) -> TrainingLoader:
-    return TrainingLoader(source, batch_size=batch, seed=0, num_workers=args.workers, prefetch=max(2, args.workers),
-                          pin_memory=args.device.startswith("cuda"))  # fmt: skip
+    return TrainingLoader(
+        source,
+        LoaderConfig(batch_size=batch, seed=0, num_workers=args.workers, prefetch=max(2, args.workers)),
+        pin_memory=args.device.startswith("cuda"),
+    )  # fmt: skip
 
 
 def run_fit(source: InMemorySource, args: argparse.Namespace, batch: int, precision: str, mode: str) -> dict[str, Any]:

@@ -41,9 +41,10 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 # the same bounded OpenMP spin as both other tools (bench/README.md), unless the environment sets a policy

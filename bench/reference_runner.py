@@ -44,7 +44,8 @@ reference functions and calls the originals unchanged.
 Run-time knobs that do not change the numbers (verified bit-identical losses and latents on CellBench):
 ``--num-workers 0`` (reference default 4 forks 4 DataLoader processes every epoch; 0 is much faster on 2 cores)
 and ``OMP_WAIT_POLICY=PASSIVE``, which this script sets unless the environment already sets it (with the default
-ACTIVE policy the 2 torch threads spin against other jobs on a shared machine: 15x more CPU per iteration).
+ACTIVE policy the 2 torch threads spin against other jobs on a shared machine, many times the CPU per iteration:
+``bench/README.md``).
 ``--threads`` DOES change float rounding (1 vs 2 threads give slightly different losses). ``--progress FILE``
 appends one JSON line per epoch (loss, early-stopping counter), useful for long runs.
 """
@@ -175,8 +176,9 @@ STATE: dict = {}
 
 def apply_compat_patches() -> list[str]:
     """Work around the known defects of scalex 1.0.4 without changing what it computes."""
-    import anndata
     import importlib
+
+    import anndata
 
     applied = []
     # (1) torch >= 2.6 defaults to weights_only=True; config.pt holds a pickled pandas Index.

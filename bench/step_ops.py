@@ -33,7 +33,7 @@ from _env import header, results_dir  # noqa: E402
 def synthetic_batch(n_cells: int, n_features: int, n_domains: int, nnz_per_row: int, seed: int = 0,
                     pin_memory: bool = False):
     """A CSRBatch like the loader's: float16 values in (0, 1], int32 columns, int64 domains."""
-    from scalex_scale.data.loader import InMemorySource, TrainingLoader
+    from scalex_scale.data.loader import InMemorySource, LoaderConfig, TrainingLoader
 
     rng = np.random.default_rng(seed)
     n_rows = max(n_cells, 256)
@@ -43,8 +43,9 @@ def synthetic_batch(n_cells: int, n_features: int, n_domains: int, nnz_per_row: 
     data = rng.uniform(0.01, 1.0, int(indptr[-1])).astype(np.float16)
     domain = rng.integers(0, n_domains, n_rows).astype(np.int32)
     source = InMemorySource.from_arrays(indptr, indices, data, domain, n_features, n_domains)
-    loader = TrainingLoader(source, batch_size=n_cells, shard_size=n_rows, buffer_shards=1, seed=seed,
-                            pin_memory=pin_memory)
+    loader = TrainingLoader(
+        source, LoaderConfig(batch_size=n_cells, shard_size=n_rows, buffer_shards=1, seed=seed), pin_memory=pin_memory
+    )
     with loader.epoch(0) as batches:
         return next(iter(batches))
 

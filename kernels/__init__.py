@@ -6,6 +6,8 @@ dsbn(x, domain, weight, bias, running_mean, running_var, *, training, momentum, 
     DSBN forward (autograd-aware) with backend ``"auto" | "torch" | "triton"``.
 dsbn_reference(...)
     The vectorized pure-torch implementation (the ``"torch"`` backend).
+MIN_ROWS_FOR_BATCH_STATS
+    The singleton rule's threshold (2): fewer rows of a domain in a training batch -> running statistics.
 triton_available() -> bool
     Whether the Triton kernels can run in this process (CUDA, or CPU with ``TRITON_INTERPRET=1``).
 resolve_backend(backend, device) -> "torch" | "triton"
@@ -21,11 +23,12 @@ from __future__ import annotations
 import torch
 
 from .backend import INSTALL_HINT, Backend, resolve_backend, triton_available
-from .reference import dsbn_loop_reference, dsbn_reference
+from .reference import MIN_ROWS_FOR_BATCH_STATS, dsbn_loop_reference, dsbn_reference
 from .validation import check_dsbn_inputs
 
 __all__ = [
     "INSTALL_HINT",
+    "MIN_ROWS_FOR_BATCH_STATS",
     "Backend",
     "dsbn",
     "dsbn_loop_reference",
@@ -77,9 +80,9 @@ def dsbn(
 
     Notes
     -----
-    Training: a domain with >= 2 rows uses its mini-batch mean and biased variance and updates its running
-    statistics. SINGLETON RULE: a domain with exactly one row is normalized with its running statistics (then its
-    weight/bias) and its running statistics are not updated. Absent domains keep their running statistics.
+    Training: a domain with >= ``MIN_ROWS_FOR_BATCH_STATS`` (2) rows uses its mini-batch mean and biased variance
+    and updates its running statistics. SINGLETON RULE: a domain with exactly one row is normalized with its running
+    statistics (then its weight/bias) and its running statistics are not updated. Absent domains keep their running statistics.
     Eval: running statistics for every row.
     """
     check_dsbn_inputs(x, domain, weight, bias, running_mean, running_var, momentum, eps)

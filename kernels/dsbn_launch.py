@@ -15,6 +15,7 @@ import torch
 import triton
 
 from . import dsbn_triton as K
+from . import reference
 from .backend import INSTALL_HINT, triton_unavailable_reason
 from .validation import check_dsbn_inputs, shape_str
 
@@ -173,7 +174,7 @@ def launch_train_forward(
             K.dsbn_split_fwd_kernel[grid](
                 x, y, seg.perm, seg.starts, seg.counts, weight, bias, running_mean, running_var, mean, invstd,
                 ws_s, ws_q, n_rows, n_features, x.stride(0), y.stride(0), float(momentum), float(eps), splits,
-                BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
+                MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
             )
         return y, mean, invstd
     block_b, block_f = segment_blocks(n_rows, n_domains, n_features, x.device)
@@ -182,7 +183,7 @@ def launch_train_forward(
         K.dsbn_train_fwd_kernel[grid](
             x, y, seg.perm, seg.starts, seg.counts, weight, bias, running_mean, running_var, mean, invstd,
             n_rows, n_features, x.stride(0), y.stride(0), float(momentum), float(eps),
-            BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
+            MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
         )
     return y, mean, invstd
 
@@ -247,7 +248,8 @@ def launch_backward(
             K.dsbn_split_bwd_kernel[grid](
                 x, dy, dx, dw, db, seg.perm, seg.starts, seg.counts, weight, mean, invstd, ws_dy, ws_dyx,
                 n_features, x.stride(0), dy.stride(0), dx.stride(0), splits,
-                TRAINING=training, BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
+                TRAINING=training, MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, BLOCK_B=block_b, BLOCK_F=block_f,
+                num_warps=_NUM_WARPS,
             )
         return dx, dw, db
     block_b, block_f = segment_blocks(n_rows, n_domains, n_features, x.device, tile=_TILE_ELEMENTS_BWD)
@@ -256,7 +258,8 @@ def launch_backward(
         K.dsbn_bwd_kernel[grid](
             x, dy, dx, dw, db, seg.perm, seg.starts, seg.counts, weight, mean, invstd,
             n_features, x.stride(0), dy.stride(0), dx.stride(0),
-            TRAINING=training, BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
+            TRAINING=training, MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, BLOCK_B=block_b, BLOCK_F=block_f,
+            num_warps=_NUM_WARPS,
         )
     return dx, dw, db
 

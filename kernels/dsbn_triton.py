@@ -22,8 +22,9 @@ Numerics: statistics in float32 whatever the input dtype. The variance uses sums
 row (``sum(x - k)``, ``sum((x - k)^2)``), which avoids the catastrophic cancellation of the raw sum-of-squares form
 when |mean| >> std.
 
-Rules (same as ``dsbn_reference``): a domain with >= 2 rows uses batch statistics and updates its running stats
-(unbiased variance); a domain with exactly one row (SINGLETON RULE) is normalized with its running statistics
+Rules (same as ``dsbn_reference``): a domain with >= ``MIN_ROWS`` rows (the launcher passes
+``reference.MIN_ROWS_FOR_BATCH_STATS``, 2, as a ``tl.constexpr``) uses batch statistics and updates its running
+stats (unbiased variance); a domain with exactly one row (SINGLETON RULE) is normalized with its running statistics
 and not updated; an empty domain is untouched. Eval: every row uses running statistics.
 """
 
@@ -44,7 +45,7 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 def dsbn_train_fwd_kernel(
     X, Y, PERM, STARTS, COUNTS, W, B, RM, RV, MEAN_OUT, INVSTD_OUT,
     n_rows, n_features, stride_x, stride_y, momentum, eps,
-    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+    MIN_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Training forward for one (domain, feature block): statistics, running-stat update, normalize + affine."""
     pid_d = tl.program_id(0)
@@ -73,7 +74,7 @@ def dsbn_train_fwd_kernel(
     s = tl.sum(acc_s, axis=0) / nf
     var_b = tl.maximum(tl.sum(acc_q, axis=0) / nf - s * s, 0.0)
     mean_b = k + s
-    use_batch = n_vec >= 2
+    use_batch = n_vec >= MIN_ROWS
     rm = tl.load(RM + param, mask=mask_f, other=0.0).to(tl.float32)
     rv = tl.load(RV + param, mask=mask_f, other=1.0).to(tl.float32)
     mean = tl.where(use_batch, mean_b, rm)
@@ -100,11 +101,11 @@ def dsbn_train_fwd_kernel(
 def dsbn_bwd_kernel(
     X, DY, DX, DW, DB, PERM, STARTS, COUNTS, W, MEAN, INVSTD,
     n_features, stride_x, stride_dy, stride_dx,
-    TRAINING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+    TRAINING: tl.constexpr, MIN_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Backward for one (domain, feature block): dweight, dbias, then dx.
 
-    Batch-statistics domains (training, n >= 2): ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``.
+    Batch-statistics domains (training, n >= MIN_ROWS): ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``.
     Running-statistics rows (eval, or singleton domains in training): ``dx = w * invstd * dy``.
     """
     pid_d = tl.program_id(0)
@@ -136,7 +137,7 @@ def dsbn_bwd_kernel(
     tl.store(DB + param, sum_dy.to(DB.dtype.element_ty), mask=mask_f)
     nf = tl.maximum(n_vec.to(tl.float32), 1.0)
     if TRAINING:
-        use_batch = n_vec >= 2
+        use_batch = n_vec >= MIN_ROWS
         c_dy = tl.where(use_batch, sum_dy / nf, 0.0)
         c_dyx = tl.where(use_batch, sum_dyx / nf, 0.0)
     else:
@@ -188,8 +189,9 @@ def dsbn_eval_fwd_kernel(
 # dweight, dbias). Partial sums of one domain share one shift (the domain's first row), so they add up exactly
 # like the unsplit kernel's accumulators. Still no atomics: deterministic.
 #
-# Running statistics: every chunk program reads RM/RV, chunk 0 writes them, and only for domains with >= 2 rows;
-# the values read are used only for domains with < 2 rows (never written), so the read/write overlap is benign.
+# Running statistics: every chunk program reads RM/RV, chunk 0 writes them, and only for domains with >= MIN_ROWS
+# rows; the values read are used only for domains with fewer rows (never written), so the read/write overlap is
+# benign.
 
 
 @triton.jit
@@ -240,7 +242,7 @@ def dsbn_split_stats_kernel(
 def dsbn_split_fwd_kernel(
     X, Y, PERM, STARTS, COUNTS, W, B, RM, RV, MEAN_OUT, INVSTD_OUT, WS_S, WS_Q,
     n_rows, n_features, stride_x, stride_y, momentum, eps, n_splits,
-    BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+    MIN_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Combine the partial sums of one (domain, feature block), then normalize + affine this program's chunk."""
     pid_d = tl.program_id(0)
@@ -266,7 +268,7 @@ def dsbn_split_fwd_kernel(
     s_mean = tot_s / nf
     var_b = tl.maximum(tot_q / nf - s_mean * s_mean, 0.0)
     mean_b = k + s_mean
-    use_batch = n_vec >= 2
+    use_batch = n_vec >= MIN_ROWS
     rm = tl.load(RM + param, mask=mask_f, other=0.0).to(tl.float32)
     rv = tl.load(RV + param, mask=mask_f, other=1.0).to(tl.float32)
     mean = tl.where(use_batch, mean_b, rm)
@@ -331,7 +333,7 @@ def dsbn_split_bwd_sums_kernel(
 def dsbn_split_bwd_kernel(
     X, DY, DX, DW, DB, PERM, STARTS, COUNTS, W, MEAN, INVSTD, WS_DY, WS_DYX,
     n_features, stride_x, stride_dy, stride_dx, n_splits,
-    TRAINING: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+    TRAINING: tl.constexpr, MIN_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Combine the partial sums of one (domain, feature block); chunk 0 writes dweight/dbias; dx of this chunk."""
     pid_d = tl.program_id(0)
@@ -359,7 +361,7 @@ def dsbn_split_bwd_kernel(
         tl.store(DB + param, sum_dy.to(DB.dtype.element_ty), mask=mask_f)
     nf = tl.maximum(n_vec.to(tl.float32), 1.0)
     if TRAINING:
-        use_batch = n_vec >= 2
+        use_batch = n_vec >= MIN_ROWS
         c_dy = tl.where(use_batch, sum_dy / nf, 0.0)
         c_dyx = tl.where(use_batch, sum_dyx / nf, 0.0)
     else:

@@ -14,7 +14,7 @@ with ``np.where`` on host copies of the ids), for benchmarks and side-by-side ch
 
 Rules (both training and eval, ``dsbn_reference`` and the Triton kernels alike)
 -----------------------------------------------------------------------------
-- Training, a domain with ``n >= 2`` rows in the mini-batch: its rows are normalized with that domain's mini-batch
+- Training, a domain with ``n >= MIN_ROWS_FOR_BATCH_STATS`` (2) rows in the mini-batch: its rows are normalized with that domain's mini-batch
   mean and biased variance, then scaled and shifted by ``weight[d]``, ``bias[d]``; its running statistics are
   updated in place, ``new = (1 - momentum) * old + momentum * batch_stat``, with the UNBIASED variance for
   ``running_var`` (as ``torch.nn.BatchNorm1d``).
@@ -37,7 +37,14 @@ from torch.autograd.function import once_differentiable
 
 from .validation import check_dsbn_inputs
 
-__all__ = ["dsbn_reference", "dsbn_loop_reference"]
+__all__ = ["MIN_ROWS_FOR_BATCH_STATS", "dsbn_reference", "dsbn_loop_reference"]
+
+#: The SINGLETON RULE's threshold, the one definition shared by the torch reference, both Triton kernels (the
+#: segmented and the row-split ones, as a ``tl.constexpr`` argument) and SyncDSBN: in training, a domain with at
+#: least this many rows in the mini-batch (all ranks together, for SyncDSBN) is normalized with its batch mean and
+#: biased variance and updates its running statistics; a domain with fewer rows (one: a variance of one row is 0)
+#: is normalized with its running statistics and leaves them unchanged.
+MIN_ROWS_FOR_BATCH_STATS: int = 2
 
 
 # Up to this many domains, per-domain sums are one-hot matrix products (D x B x F multiply-adds, done by BLAS): on
@@ -115,12 +122,13 @@ def _batch_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training statistics: (mean, var) each domain uses, ``use_batch`` (D, 1) and counts (D,); updates running.
 
-    Domains with >= 2 rows use their batch mean / biased variance; singletons and absent domains the running ones.
+    Domains with >= ``MIN_ROWS_FOR_BATCH_STATS`` rows use their batch mean / biased variance; singletons and absent
+    domains the running ones.
     """
     rm = running_mean.to(xc.dtype)
     rv = running_var.to(xc.dtype)
     counts, batch_mean, sq = _domain_moments(xc, seg)
-    use_batch = (counts >= 2)[:, None]
+    use_batch = (counts >= MIN_ROWS_FOR_BATCH_STATS)[:, None]
     mean = torch.where(use_batch, batch_mean, rm)
     var = torch.where(use_batch, sq / counts.clamp_min(1.0)[:, None], rv)
     var_unbiased = sq / (counts - 1.0).clamp_min(1.0)[:, None]

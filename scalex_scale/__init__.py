@@ -19,21 +19,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import _numba_cache
+from .workflows import STEPS as _STEPS
+
+_numba_cache.configure()  # before any kernel module is imported
+
 __version__ = "0.1.0"
 
+#: public name -> module that defines it (the verbs: ``workflows/<verb>.py``)
 _LAZY = {
-    "Atlas": "store",
-    "check": "store",
-    "ingest": "store",
-    "preprocess": "preprocess.pipeline",
-    "fit": "api",
-    "embed": "api",
-    "integrate": "api",
-    "project": "api",
-    "transfer": "api",
-    "evaluate": "api",
+    "Atlas": "store.atlas",
+    **{verb: f"workflows.{module}" for verb, module in _STEPS.items()},
     "SCALEX": "compat",
-    "TrainConfig": "train",
+    "TrainConfig": "train.config",
+    "PreprocessConfig": "preprocessing.state",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -42,5 +41,7 @@ __all__ = ["__version__", *_LAZY]
 def __getattr__(name: str) -> Any:
     """Import on first use: ``import scalex_scale`` stays light (no torch until a torch-side name is used)."""
     if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # bound once: a submodule imported later cannot shadow it
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,7 @@ import _thread
 import atexit
 import errno
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -61,9 +62,14 @@ class FaultPlan:
         if self.mode == "interrupt":
             if threading.current_thread() is threading.main_thread():
                 raise KeyboardInterrupt
-            # Ctrl-C reaches the main thread, never Zarr's I/O thread: deliver it there, as SIGINT would, and
-            # fail this write too (a KeyboardInterrupt inside Zarr's event loop would kill the loop instead)
-            _thread.interrupt_main()
+            # Ctrl-C reaches the main thread, never Zarr's I/O thread: send SIGINT there, as a terminal does (a
+            # real signal also wakes the main thread from its wait on this write, so the KeyboardInterrupt is
+            # raised now, not whenever it next runs bytecode), then fail this write too (a KeyboardInterrupt
+            # inside Zarr's event loop would kill the loop instead)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            else:  # pragma: no cover - a host that installed its own SIGINT handler
+                _thread.interrupt_main()
             time.sleep(0.2)
             raise InjectedFault(f"write point {n} ({op} {detail}) interrupted")
         if self.mode == "enospc":
@@ -86,11 +92,18 @@ def inject(mode: Mode = "count", at: int = 0) -> Iterator[FaultPlan]:
     """Install a :class:`FaultPlan` for the duration of the block (tests)."""
     global _plan
     previous, plan = _plan, FaultPlan(mode, at)
+    # "interrupt" is Ctrl-C: Python must turn SIGINT into KeyboardInterrupt, also in a process that inherited
+    # SIGINT ignored (a background job of a non-interactive shell), where a real Ctrl-C could not reach it
+    handler = None
+    if mode == "interrupt" and threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     _plan = plan
     try:
         yield plan
     finally:
         _plan = previous
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
 
 
 def _from_environment() -> None:
@@ -103,8 +116,8 @@ def _from_environment() -> None:
         plan = FaultPlan("count")
         atexit.register(lambda: open(arg, "w").write(str(plan.count)))
     elif mode == "pause":
-        at, _, signal = arg.partition(":")
-        plan = FaultPlan("pause", int(at), signal=signal)
+        at, _, path = arg.partition(":")
+        plan = FaultPlan("pause", int(at), signal=path)
     else:
         plan = FaultPlan(mode, int(arg))  # type: ignore[arg-type]
     _plan = plan

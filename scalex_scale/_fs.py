@@ -52,7 +52,7 @@ def link_tree(src: Path, dst: Path, *, skip_suffix: str = ".partial") -> int:
     point("link_tree", str(dst))
     n = 0
     copy = False
-    for dirpath, dirnames, filenames in os.walk(src):
+    for dirpath, _dirnames, filenames in os.walk(src):
         rel = os.path.relpath(dirpath, src)
         target = dst if rel == "." else dst / rel
         target.mkdir(parents=True, exist_ok=rel != ".")

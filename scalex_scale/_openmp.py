@@ -11,11 +11,10 @@ SPIN_COUNT = "10000"
 def bound_openmp_spin() -> None:
     """Make OpenMP threads spin only briefly before sleeping; call before torch is imported.
 
-    OpenMP threads that busy-wait for long between ops starve the loader's threads on small, shared CPUs (libgomp's
-    default spin: up to 30x slower training steps on 2 cores under load), while never spinning
-    (``OMP_WAIT_POLICY=PASSIVE``) pays a thread wake-up on every small op (training 1.4x slower on 2 cores). A short
-    bounded spin keeps both: 128 it/s vs 91 (passive) on CellBench, 2-core EPYC. An explicit ``OMP_WAIT_POLICY`` or
-    ``GOMP_SPINCOUNT`` in the environment wins.
+    OpenMP threads that busy-wait for long between ops starve the loader's threads on small, shared CPUs
+    (libgomp's default spin), while never spinning (``OMP_WAIT_POLICY=PASSIVE``) pays a thread wake-up on every
+    small op. A short bounded spin keeps both (the measurements: bench/README.md, "Figures behind design
+    choices"). An explicit ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` in the environment wins.
     """
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)

@@ -1,18 +1,24 @@
-"""The ``scalex-scale`` command line: a thin argparse layer over :mod:`scalex_scale.api`."""
+"""The ``scalex-scale`` command line: a thin argparse layer over the steps of :mod:`scalex_scale.workflows`.
+
+Options that set a config field are generated from the config dataclasses (``TrainConfig``, ``PreprocessConfig``):
+their types, choices and defaults are the dataclasses'.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
 import sys
+import typing
 from collections.abc import Sequence
 
 from ._openmp import bound_openmp_spin
 
 bound_openmp_spin()  # before torch is imported
-from .store.errors import ScalexError  # noqa: E402
+from .errors import ScalexError  # noqa: E402
 
 
 def _csv(value: str) -> list[str]:
@@ -25,57 +31,84 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-names", type=_csv, help="one batch name per input, comma-separated")
 
 
+def _field_args(p: argparse.ArgumentParser, cls: type, fields: dict[str, str], **overrides: dict) -> None:
+    """One ``--field-name`` option per dataclass field: type, choices and default come from ``cls`` itself."""
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for name, help_text in fields.items():
+        hint, default = hints[name], overrides.get(name, {}).get("default", defaults[name])
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict = {"dest": name, "help": help_text}
+        if hint is bool:
+            kwargs.update(action="store_true", default=False)
+        else:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if typing.get_origin(hint) is typing.Literal:
+                kwargs["choices"] = list(args)
+            kwargs.update(type=args[0] if args and not isinstance(args[0], str) else (hint if isinstance(hint, type) else str))
+            kwargs["default"] = default
+            if default is not None:
+                kwargs["help"] = f"{help_text} (default: {default})"
+        kwargs.update(overrides.get(name, {}))
+        p.add_argument(flag, **kwargs)
+
+
+def _fields(args: argparse.Namespace, fields: dict[str, str]) -> dict:
+    return {name: getattr(args, name) for name in fields}
+
+
+def _preprocess_fields() -> dict[str, str]:
+    """PreprocessConfig fields on the command line (defaults: the dataclass')."""
+    from .preprocessing.state import DEFAULT_MIN_FEATURES, DEFAULT_N_TOP
+
+    return {
+    "profile": "RNA or ATAC (default: the profile given at ingest)",
+    "n_top_features": f"features to select (default: RNA {DEFAULT_N_TOP['RNA']:,} HVGs, ATAC {DEFAULT_N_TOP['ATAC']:,} peaks)",
+    "min_features": (
+        f"min features per cell (default: RNA {DEFAULT_MIN_FEATURES['RNA']} genes, ATAC {DEFAULT_MIN_FEATURES['ATAC']} peaks)"
+    ),
+    "min_cells": "min cells per feature",
+    "scale": "MaxAbs scaling per batch (the paper) or global (reference package 1.0.4)",
+    "keep_mt": "keep MT-/mt-/ERCC genes",
+    }
+
+#: TrainConfig fields on the command line (defaults: the dataclass', i.e. the method's)
+_TRAIN_FIELDS = {
+    "max_iterations": "optimizer steps at most",
+    "batch_size": "cells per mini-batch (per rank with --distributed)",
+    "lr": "Adam learning rate",
+    "patience": "epochs without a better loss before early stopping",
+    "device": "where to train",
+    "precision": "fp32, or bf16 autocast (CUDA, or a CPU with bf16)",
+    "seed": "seed of the weights and the batch order",
+    "compile": "torch.compile the training step",
+    "cuda_graphs": "capture the training step in a CUDA graph",
+}
+_DEVICE = {"device": {"choices": ["auto", "cpu", "cuda"]}}
+
+
 def _add_preprocess_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", choices=["RNA", "ATAC"], default=None, help="default: the profile given at ingest")
-    p.add_argument("--n-top-features", type=int, default=None, help="HVGs (RNA, default 2000) / peaks (ATAC, 30000)")
-    p.add_argument("--min-features", type=int, default=None, help="min genes per cell (RNA 600, ATAC 100)")
-    p.add_argument("--min-cells", type=int, default=3, help="min cells per gene")
-    p.add_argument("--scale", choices=["batch", "global"], default="batch", help="MaxAbs scaling per batch or global")
-    p.add_argument("--keep-mt", action="store_true", help="keep MT-/mt-/ERCC genes")
+    from .preprocessing.state import PreprocessConfig
+
+    _field_args(p, PreprocessConfig, _preprocess_fields(), profile={"default": None})
     p.add_argument("--scheduler", default=None, help="dask.distributed scheduler address (default: local threads)")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-iterations", type=int, default=30_000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--patience", type=int, default=10,
-                   help="early stopping: epochs without a lower epoch loss (the method's 10; large = train the full budget)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    p.add_argument("--cuda-graphs", action="store_true", help="capture the training step in a CUDA graph")
+    from .train.config import TrainConfig
+
+    _field_args(p, TrainConfig, _TRAIN_FIELDS, **_DEVICE)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _train_config(args: argparse.Namespace):
-    from .train import TrainConfig
+    from .train.config import TrainConfig
 
-    return TrainConfig(
-        max_iterations=args.max_iterations,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        device=args.device,
-        precision=args.precision,
-        seed=args.seed,
-        patience=args.patience,
-        compile=args.compile,
-        cuda_graphs=args.cuda_graphs,
-        progress=not args.no_progress,
-    )
+    return TrainConfig(**_fields(args, _TRAIN_FIELDS), progress=not args.no_progress)
 
 
 def _preprocess_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        profile=args.profile,
-        n_top_features=args.n_top_features,
-        min_features=args.min_features,
-        min_cells=args.min_cells,
-        scale=args.scale,
-        keep_mt=args.keep_mt,
-        scheduler=args.scheduler,
-    )
+    return {**_fields(args, _preprocess_fields()), "scheduler": args.scheduler}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,9 +238,7 @@ def run(args: argparse.Namespace) -> int:
         if report.cells_renamed:
             print(f"  {report.cells_renamed:,} clashing cell names made unique")
     elif cmd == "check":
-        from .store import check
-
-        report = check(args.store, repair=args.repair)
+        report = api.check(args.store, repair=args.repair)
         if args.json:
             _print_json(report.to_dict())
         else:
@@ -245,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         print(report.summary())
     elif cmd == "transfer":
-        from .transfer import TransferConfig
+        from .metrics.label_transfer import TransferConfig
 
         config = TransferConfig(k=args.k, min_vote_fraction=args.min_vote_fraction, novelty=not args.no_novelty)
         summary = api.transfer(

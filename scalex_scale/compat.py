@@ -27,7 +27,7 @@ def SCALEX(  # noqa: N802 - the reference's name
     batch_categories: Sequence[str] | None = None,
     profile: str = "RNA",
     batch_name: str = "batch",
-    min_features: int = 600,
+    min_features: int | None = None,
     min_cells: int = 3,
     n_top_features: int | None = None,
     join: str = "inner",
@@ -53,8 +53,11 @@ def SCALEX(  # noqa: N802 - the reference's name
         One batch name per input (the reference's ``batch_categories``).
     batch_name
         obs column holding the batch when ``batch_categories`` is not given (reference default ``'batch'``).
+    batch_key
+        Name of the returned obs column holding each cell's batch (the reference's ``batch_key``; the atlas itself
+        always calls it ``batch``).
     profile, min_features, min_cells, n_top_features, join, keep_mt
-        Preprocessing, as the reference.
+        Preprocessing, as the reference (``min_features`` None: RNA 600, ATAC 100).
     batch_size, lr, max_iteration, seed
         Training, as the reference.
     outdir
@@ -78,10 +81,9 @@ def SCALEX(  # noqa: N802 - the reference's name
     -----
     ``obsm['latent']`` is the encoder's ``mu`` in eval mode: deterministic, and a cell's embedding does not depend
     on which cells it is embedded with. scalex 1.0.4 embeds in train mode, in mini-batches of one batch each, so its
-    encoder BatchNorm uses each mini-batch's statistics. On CellBench and a synthetic partially overlapping set
-    (``bench/compare_reference.py``, 3 seeds), that gives a batch-mixing score 0.03-0.04 higher and a cell-type
-    silhouette 0.03 lower for the same trained network. Embedded the same way, the two packages' latents agree within
-    0.02 on both metrics. Expect that shift in the scores when comparing with latents from the reference.
+    encoder BatchNorm uses each mini-batch's statistics: for the same trained network that raises the batch-mixing
+    score and lowers the cell-type silhouette (measured by ``bench/compare_reference.py``: README, "Measured so
+    far"). Expect that shift in the scores when comparing with latents from the reference.
     """
     import anndata as ad
     import numpy as np
@@ -116,4 +118,8 @@ def SCALEX(  # noqa: N802 - the reference's name
     adata = adata[keep].copy()
     adata.uns.pop("scalex_scale", None)
     adata.uns["scalex_scale_outdir"] = str(outdir)
+    if batch_key != "batch":
+        if batch_key in adata.obs:
+            raise ValueError(f"SCALEX(batch_key={batch_key!r}): the data already have an obs column of that name")
+        adata.obs = adata.obs.rename(columns={"batch": batch_key})
     return adata

@@ -11,8 +11,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .errors import ScalexError
 
 
@@ -23,7 +21,8 @@ def _say(step: int, text: str, t0: float) -> None:
 def run_demo(outdir: str | Path = "scalex_demo", *, n_cells: int = 6000, max_iterations: int = 1500, device: str = "auto", seed: int = 0) -> dict:
     """Run the demo into ``outdir`` (replaced if it holds an earlier demo); returns the headline numbers."""
     from . import api
-    from .datasets import SyntheticConfig, celltype_presence, make_synthetic
+    from .store import Atlas
+    from .synthetic import SyntheticConfig, celltype_presence, make_synthetic
     from .train import TrainConfig
 
     t0 = time.perf_counter()
@@ -62,7 +61,7 @@ def run_demo(outdir: str | Path = "scalex_demo", *, n_cells: int = 6000, max_ite
     _say(6, "transferring cell-type labels from the atlas to the projected study", t0)
     summary = api.transfer(atlas, "celltype", query_batches=[query])
     print("        " + summary.summary().replace("\n", "\n        "), flush=True)
-    obs = api.Atlas.open(atlas).obs
+    obs = Atlas.open(atlas).obs
     q = obs[obs["batch"] == query]
     if novel:
         m = q["celltype"].isin(novel).to_numpy()

@@ -46,6 +46,18 @@ def make_adata(n_cells: int = 60, n_genes: int = 40, *, seed: int = 0, prefix: s
     return ad.AnnData(x, obs=obs, var=var)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The whole suite runs torch with one intra-op thread: tiny models are faster so, and a 2-core CI shares the
+    CPU (no spinning OpenMP threads). A test that measures threading sets its own count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.exists():

@@ -11,11 +11,11 @@ import torch
 
 from scalex_scale import api
 from scalex_scale.cli import main
-from scalex_scale.datasets import SyntheticConfig, make_synthetic
+from scalex_scale.metrics.label_transfer import knn_classifier_transfer
 from scalex_scale.store import Atlas, transaction
 from scalex_scale.store.errors import ScalexError
+from scalex_scale.synthetic import SyntheticConfig, make_synthetic
 from scalex_scale.train import TrainConfig
-from scalex_scale.transfer import knn_classifier_transfer
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_query_store_from_another_model_is_refused(setup, tmp_path):
     assert "other_model" in str(err.value) and str(out.model_dir) in str(err.value)
     # projecting into an atlas whose latent another model wrote would mix two latent spaces
     with pytest.raises(ScalexError, match="written by another model"):
-        api.project(other, out.model_dir, [query], batch_key="batch", allow_duplicates=True)
+        api.project(other, out.model_dir, [query], batch_names=["again"], allow_duplicates=True)
 
 
 def test_query_store_without_a_model_record_is_refused(setup, tmp_path):

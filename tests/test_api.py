@@ -5,29 +5,20 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-import torch
 
 from scalex_scale import api
 from scalex_scale.cli import main
-from scalex_scale.datasets import SyntheticConfig, make_synthetic
 from scalex_scale.errors import ScalexError
+from scalex_scale.metrics.label_transfer import TransferConfig
 from scalex_scale.store import Atlas
+from scalex_scale.synthetic import SyntheticConfig, make_synthetic
 from scalex_scale.train import TrainConfig
-from scalex_scale.transfer import TransferConfig
 
 
 @pytest.fixture(scope="module")
 def synthetic() -> ad.AnnData:
     cfg = SyntheticConfig(n_cells=1200, n_genes=800, n_batches=3, n_celltypes=4, mean_genes_per_cell=250, seed=3)
     return make_synthetic(cfg)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _train(max_iterations: int = 60) -> TrainConfig:
@@ -41,10 +32,7 @@ def trained(tmp_path_factory, synthetic):
     names = sorted(synthetic.obs["batch"].unique())
     ref = synthetic[synthetic.obs["batch"].isin(names[:2])].copy()
     query = synthetic[synthetic.obs["batch"] == names[2]].copy()
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = api.integrate([ref], root / "run", batch_key="batch", train=_train(), min_features=100, n_top_features=300)
-    torch.set_num_threads(old)
     return root, out, ref, query
 
 
@@ -105,8 +93,11 @@ def test_scalex_dropin(synthetic, tmp_path):
     from scalex_scale import SCALEX
 
     a = synthetic[:600].copy()
-    out = SCALEX(a, batch_name="batch", min_features=100, n_top_features=200, max_iteration=30, outdir=tmp_path / "o", device="cpu")
+    out = SCALEX(a, batch_name="batch", min_features=100, n_top_features=200, max_iteration=30, outdir=tmp_path / "o",
+                 device="cpu", batch_key="study")  # fmt: skip
     assert out.obsm["latent"].shape[1] == 10 and np.isfinite(out.obsm["latent"]).all()
+    assert "study" in out.obs and "batch" not in out.obs  # the reference's batch_key names the batch column
+    assert set(out.obs["study"]) == set(a.obs["batch"])
     assert out.var["highly_variable"].sum() == 200
     with pytest.raises(TypeError, match="unexpected arguments"):
         SCALEX(a, not_an_argument=1)

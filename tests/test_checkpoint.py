@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from test_train import (
-    N_DOMAINS,
-    N_FEATURES,
-    InMemoryLoader,
-    assert_same_weights,
-    cpu_config,
-    make_loader,
-    make_module,
-    synthetic_problem,
-)
 
 from scalex_scale.train import (
     FORMAT_VERSION,
@@ -28,16 +16,18 @@ from scalex_scale.train import (
     save_checkpoint,
 )
 
+from test_train import (
+    N_DOMAINS,
+    N_FEATURES,
+    assert_same_weights,
+    cpu_config,
+    make_loader,
+    make_module,
+    synthetic_problem,
+)
+
 DOMAINS = ["batch-a", "batch-b", "batch-c"]
 PREPROCESS = {"profile": "RNA", "features": [f"g{i}" for i in range(N_FEATURES)], "scale": "batch"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _trained(max_iterations: int = 12) -> tuple[Trainer, torch.nn.Module]:

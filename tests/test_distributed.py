@@ -26,7 +26,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from scalex_scale.data import InMemorySource, TrainingLoader
+from scalex_scale.data import InMemorySource, LoaderConfig, TrainingLoader
 from scalex_scale.kernels import dsbn_reference
 from scalex_scale.nn import DSBN, SCALEXModule, sync_dsbn
 from scalex_scale.train import (
@@ -86,14 +86,6 @@ def run_job(job: Callable[..., dict[str, Any]], out: Path, *args: Any, world: in
     out.mkdir(parents=True, exist_ok=True)
     mp.spawn(_entry, args=(world, _free_port(), job, str(out), args), nprocs=world, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # =============================================================================== data
@@ -221,8 +213,14 @@ def suite_job(ctx: Any, out: str) -> dict[str, Any]:
     source = id_source()
     for drop_last in (True, False):
         for epoch in (0, 1):
-            loader = TrainingLoader(source, batch_size=16, shard_size=64, buffer_shards=2, drop_last=drop_last,
-                                    rank=ctx.rank, world_size=ctx.world_size, seed=4, num_workers=1, prefetch=1)
+            loader = TrainingLoader(
+                source,
+                LoaderConfig(
+                    batch_size=16, shard_size=64, buffer_shards=2, drop_last=drop_last, seed=4, num_workers=1,
+                    prefetch=1
+                ),
+                rank=ctx.rank, world_size=ctx.world_size,
+            )
             with loader.epoch(epoch) as batches:
                 ids = [(b.to_dense("cpu")[0][:, 0] - 1).long() for b in batches]
             res[f"shard.{drop_last}.{epoch}.rows"] = torch.cat(ids)
@@ -248,8 +246,11 @@ def suite_job(ctx: Any, out: str) -> dict[str, Any]:
         ddp = wrap_ddp(module, ctx, sync_dsbn=sync)
         res[f"train.{sync}.broadcast_buffers"] = ddp.broadcast_buffers
         config = TrainConfig(max_iterations=30, batch_size=16, device="cpu", progress=False, patience=1)
-        loader = TrainingLoader(source, batch_size=16, shard_size=32, rank=ctx.rank, world_size=ctx.world_size,
-                                seed=0, num_workers=1, prefetch=1)
+        loader = TrainingLoader(
+            source,
+            LoaderConfig(batch_size=16, shard_size=32, seed=0, num_workers=1, prefetch=1),
+            rank=ctx.rank, world_size=ctx.world_size,
+        )
         trainer = Trainer(module, rank_config(config, ctx), train_module=ddp,
                           reduce_epoch_loss=all_reduce_epoch_loss())
         result = trainer.fit(loader)
@@ -265,8 +266,11 @@ def suite_job(ctx: Any, out: str) -> dict[str, Any]:
     module = small_module(32, 3)
     ddp = wrap_ddp(module, ctx, sync_dsbn=True)
     config = TrainConfig(max_iterations=20, batch_size=16, device="cpu", progress=False)
-    loader = TrainingLoader(source, batch_size=16, shard_size=32, rank=ctx.rank, world_size=ctx.world_size,
-                            seed=0, num_workers=1, prefetch=1)
+    loader = TrainingLoader(
+        source,
+        LoaderConfig(batch_size=16, shard_size=32, seed=0, num_workers=1, prefetch=1),
+        rank=ctx.rank, world_size=ctx.world_size,
+    )
     trainer = Trainer(module, rank_config(config, ctx), train_module=ddp, reduce_epoch_loss=all_reduce_epoch_loss())
     assert not trainer.fit(loader, pause_at_iteration=5).completed
     res["pause.local_sums"] = trainer.state().epoch_sums
@@ -503,7 +507,7 @@ def test_torchrun_launch_nccl_one_gpu(tmp_path: Path) -> None:
 NCCL_FIT_SCRIPT = """
 import json, sys, numpy as np, scipy.sparse as sp, torch
 from pathlib import Path
-from scalex_scale.data import InMemorySource, TrainingLoader
+from scalex_scale.data import InMemorySource, LoaderConfig, TrainingLoader
 from scalex_scale.nn import SCALEXModule
 from scalex_scale.train import Trainer, TrainConfig, all_reduce_epoch_loss
 from scalex_scale.train.distributed import init_distributed, rank_config, shutdown, sync_buffers, wrap_ddp
@@ -514,7 +518,7 @@ x.data = rng.random(x.nnz).astype(np.float16)
 source = InMemorySource(x, rng.integers(0, 3, 2048))
 module = SCALEXModule(64, 3, n_hidden=128, seed=0)
 ddp = wrap_ddp(module, ctx)
-loader = TrainingLoader(source, batch_size=64, shard_size=256, rank=ctx.rank, world_size=ctx.world_size,
+loader = TrainingLoader(source, LoaderConfig(batch_size=64, shard_size=256), rank=ctx.rank, world_size=ctx.world_size,
                         pin_memory=True)
 config = TrainConfig(max_iterations=64, batch_size=64, device="cuda", progress=False)
 trainer = Trainer(module, rank_config(config, ctx), train_module=ddp, reduce_epoch_loss=all_reduce_epoch_loss())
@@ -553,8 +557,11 @@ def quality_job(ctx: Any, out: str) -> dict[str, Any]:
     module = small_module(x.shape[1], 3, N_HIDDEN)
     ddp = wrap_ddp(module, ctx, sync_dsbn=True)
     per_rank = GLOBAL_BATCH // ctx.world_size
-    loader = TrainingLoader(source, batch_size=per_rank, shard_size=128, rank=ctx.rank, world_size=ctx.world_size,
-                            seed=0, num_workers=1, prefetch=1)
+    loader = TrainingLoader(
+        source,
+        LoaderConfig(batch_size=per_rank, shard_size=128, seed=0, num_workers=1, prefetch=1),
+        rank=ctx.rank, world_size=ctx.world_size,
+    )
     trainer = Trainer(module, rank_config(quality_config(per_rank), ctx), train_module=ddp,
                       reduce_epoch_loss=all_reduce_epoch_loss())
     trainer.fit(loader)
@@ -566,8 +573,10 @@ def quality_job(ctx: Any, out: str) -> dict[str, Any]:
 def train_one_process() -> np.ndarray:
     x, batch, _ = synthetic_problem(**QUALITY)
     module = small_module(x.shape[1], 3, N_HIDDEN)
-    loader = TrainingLoader(InMemorySource(sp.csr_matrix(x), batch), batch_size=GLOBAL_BATCH, shard_size=128,
-                            seed=0, num_workers=1, prefetch=1)
+    loader = TrainingLoader(
+        InMemorySource(sp.csr_matrix(x), batch),
+        LoaderConfig(batch_size=GLOBAL_BATCH, shard_size=128, seed=0, num_workers=1, prefetch=1),
+    )
     Trainer(module, quality_config(GLOBAL_BATCH)).fit(loader)
     with torch.no_grad():
         return module.embed(torch.from_numpy(x)).numpy()

@@ -111,11 +111,11 @@ def assert_results_close(got: dict, want: dict, dtype: torch.dtype) -> None:
     assert got["y"].dtype == want["y"].dtype == dtype
     assert got["dx"].dtype == dtype
     for key in ("y", "dx"):
-        torch.testing.assert_close(got[key].float(), want[key].float(), **TOL[dtype], msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key].float(), want[key].float(), **TOL[dtype], msg=lambda m, key=key: f"{key}: {m}")
     for key in ("rm", "rv"):
-        torch.testing.assert_close(got[key], want[key], **STAT_TOL, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], **STAT_TOL, msg=lambda m, key=key: f"{key}: {m}")
     for key in ("dw", "db"):
-        torch.testing.assert_close(got[key], want[key], **GRAD_PARAM_TOL[dtype], msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], **GRAD_PARAM_TOL[dtype], msg=lambda m, key=key: f"{key}: {m}")
 
 
 def triton_fn(*args, **kw):
@@ -123,6 +123,27 @@ def triton_fn(*args, **kw):
 
 
 # ------------------------------------------------------------------------------------------------- reference: rules
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("threshold", [2, 3])
+def test_singleton_threshold_is_the_one_constant(backend: str, threshold: int, monkeypatch) -> None:
+    """Both backends read ``kernels.reference.MIN_ROWS_FOR_BATCH_STATS``: with 3, a 2-row domain uses running stats."""
+    assert kernels.MIN_ROWS_FOR_BATCH_STATS == 2  # the documented SINGLETON RULE
+    monkeypatch.setattr(kernels.reference, "MIN_ROWS_FOR_BATCH_STATS", threshold)
+    case = make_case(12, 37, 3)
+    case.domain = torch.tensor([1, 0, 1, 1, 2, 1, 0, 2, 1, 2, 1, 1], device=case.domain.device)  # counts 2, 7, 3
+    got = run(lambda *a, **kw: dsbn(*a, backend=backend, **kw), case, training=True)
+    rows0 = case.domain == 0
+    eval_y = run(dsbn_reference, case, training=False)["y"]
+    if threshold == 3:  # domain 0 (2 rows) now follows the singleton rule: running statistics, not updated
+        torch.testing.assert_close(got["y"][rows0], eval_y[rows0], **TOL[torch.float32])
+        torch.testing.assert_close(got["rm"][0], case.running_mean[0], rtol=0, atol=0)
+    else:
+        assert not torch.allclose(got["y"][rows0], eval_y[rows0], **TOL[torch.float32])
+        assert not torch.allclose(got["rm"][0], case.running_mean[0])
+    for d in (1, 2):  # 7 and 3 rows: batch statistics, running statistics updated, either way
+        assert not torch.allclose(got["rm"][d], case.running_mean[d])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("training", [True, False])
 def test_reference_d1_equals_batch_norm(dtype: torch.dtype, training: bool) -> None:
@@ -137,7 +158,7 @@ def test_reference_d1_equals_batch_norm(dtype: torch.dtype, training: bool) -> N
     want = run(batch_norm, case, training=training)
     tol = dict(rtol=1e-5, atol=1e-5)
     for key in got:
-        torch.testing.assert_close(got[key], want[key].to(got[key].dtype), **tol, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key].to(got[key].dtype), **tol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_reference_matches_original_loop_without_singletons() -> None:
@@ -147,7 +168,7 @@ def test_reference_matches_original_loop_without_singletons() -> None:
     got = run(dsbn_reference, case, training=True)
     want = run(dsbn_loop_reference, case, training=True)
     for key in got:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     torch.testing.assert_close(got["rm"][4], case.running_mean[4], rtol=0, atol=0)
     torch.testing.assert_close(got["dw"][4], torch.zeros(37))
 
@@ -233,7 +254,7 @@ def test_reference_compiles_fullgraph_without_host_sync() -> None:
     got = run(compiled, case, training=True)
     want = run(dsbn_reference, case, training=True)
     for key in got:  # includes the in-place running-stat update surviving compilation
-        torch.testing.assert_close(got[key], want[key], msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_public_dsbn_auto_compiles_fullgraph_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,7 +268,7 @@ def test_public_dsbn_auto_compiles_fullgraph_on_cpu(monkeypatch: pytest.MonkeyPa
     got = run(torch.compile(f, fullgraph=True, backend="aot_eager"), case, training=True)
     want = run(dsbn_reference, case, training=True)
     for key in got:
-        torch.testing.assert_close(got[key], want[key], msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got[key], want[key], msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.gpu
@@ -354,7 +375,7 @@ def test_triton_large_mean_small_spread() -> None:
     want = run(dsbn_reference, case64, training=True)
     for key in got:  # |dx| reaches ~60 here (invstd ~10): absolute error ~3e-4; the float32 reference has ~2e-3
         torch.testing.assert_close(
-            got[key].cpu().double(), want[key], rtol=1e-4, atol=1e-3, msg=lambda m: f"{key}: {m}"
+            got[key].cpu().double(), want[key], rtol=1e-4, atol=1e-3, msg=lambda m, key=key: f"{key}: {m}"
         )
 
 
@@ -384,7 +405,7 @@ AOT_CODE = textwrap.dedent(
     """
     import triton
     from triton.backends.compiler import GPUTarget
-    from scalex_scale.kernels import dsbn_triton as K
+    from scalex_scale.kernels import MIN_ROWS_FOR_BATCH_STATS, dsbn_triton as K
     assert not K.INTERPRETED
     for xdt in ("fp32", "bf16"):
         seg = dict(PERM="*i64", STARTS="*i32", COUNTS="*i32", W="*fp32")
@@ -409,14 +430,15 @@ AOT_CODE = textwrap.dedent(
                     COUNTS="*i32", W="*fp32", MEAN="*fp32", INVSTD="*fp32", WS_DY="*fp32", WS_DYX="*fp32",
                     n_features="i32", stride_x="i32", stride_dy="i32", stride_dx="i32", **ws)
         blocks = dict(BLOCK_B=32, BLOCK_F=32)
-        for fn, sig, const in [(K.dsbn_train_fwd_kernel, fwd, blocks),
-                               (K.dsbn_bwd_kernel, bwd, dict(TRAINING=True, **blocks)),
-                               (K.dsbn_bwd_kernel, bwd, dict(TRAINING=False, **blocks)),
+        rule = dict(MIN_ROWS=MIN_ROWS_FOR_BATCH_STATS, **blocks)
+        for fn, sig, const in [(K.dsbn_train_fwd_kernel, fwd, rule),
+                               (K.dsbn_bwd_kernel, bwd, dict(TRAINING=True, **rule)),
+                               (K.dsbn_bwd_kernel, bwd, dict(TRAINING=False, **rule)),
                                (K.dsbn_eval_fwd_kernel, ev, blocks),
                                (K.dsbn_split_stats_kernel, sstats, blocks),
-                               (K.dsbn_split_fwd_kernel, sfwd, blocks),
+                               (K.dsbn_split_fwd_kernel, sfwd, rule),
                                (K.dsbn_split_bwd_sums_kernel, ssums, blocks),
-                               (K.dsbn_split_bwd_kernel, sbwd, dict(TRAINING=True, **blocks))]:
+                               (K.dsbn_split_bwd_kernel, sbwd, dict(TRAINING=True, **rule))]:
             src = triton.compiler.ASTSource(fn, {**sig, **{k: "constexpr" for k in const}}, const)
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True})
             assert "cubin" in compiled.asm, fn

@@ -85,8 +85,10 @@ def test_in_memory_source_is_a_training_source(data):
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_yields_the_planned_rows(data, drop_last):
     x, domain = data
-    loader = TrainingLoader(InMemorySource(x, domain), batch_size=64, shard_size=100, buffer_shards=3,
-                            drop_last=drop_last, seed=5)
+    loader = TrainingLoader(
+        InMemorySource(x, domain),
+        LoaderConfig(batch_size=64, shard_size=100, buffer_shards=3, drop_last=drop_last, seed=5),
+    )
     n = _check_epoch(loader, x, domain, epoch=1)
     assert n == loader.batches_per_epoch == len(loader)
     if not drop_last:
@@ -98,7 +100,7 @@ def test_float16_uint16_source():
     x, domain = _matrix(np.float16)
     source = InMemorySource.from_arrays(x.indptr, x.indices.astype(np.uint16), x.data, domain, N_FEATURES)
     assert source.read(0, 5)[1].dtype == np.uint16 and source.read(0, 5)[2].dtype == np.float16
-    loader = TrainingLoader(source, batch_size=100, shard_size=256, buffer_shards=2, seed=0)
+    loader = TrainingLoader(source, LoaderConfig(batch_size=100, shard_size=256, buffer_shards=2, seed=0))
     _check_epoch(loader, x, domain, epoch=0)
 
 
@@ -107,8 +109,12 @@ def test_same_batches_for_any_thread_setting(data):
     source = InMemorySource(x, domain)
     runs = []
     for prefetch, workers in [(1, 1), (2, 2), (4, 3)]:
-        loader = TrainingLoader(source, batch_size=50, shard_size=128, buffer_shards=2, seed=9,
-                                prefetch=prefetch, num_workers=workers)
+        loader = TrainingLoader(
+            source,
+            LoaderConfig(
+                batch_size=50, shard_size=128, buffer_shards=2, seed=9, prefetch=prefetch, num_workers=workers
+            ),
+        )
         runs.append([b.to_dense("cpu")[0] for b in loader.epoch(2)])
     for other in runs[1:]:
         assert len(other) == len(runs[0])
@@ -117,7 +123,9 @@ def test_same_batches_for_any_thread_setting(data):
 
 def test_resume_and_iter(data):
     x, domain = data
-    loader = TrainingLoader(InMemorySource(x, domain), batch_size=64, shard_size=100, buffer_shards=3, seed=5)
+    loader = TrainingLoader(
+        InMemorySource(x, domain), LoaderConfig(batch_size=64, shard_size=100, buffer_shards=3, seed=5)
+    )
     n = loader.batches_per_epoch
     for k in (1, 7, n - 1, n):
         assert _check_epoch(loader, x, domain, epoch=3, start_batch=k) == n - k
@@ -132,7 +140,9 @@ def test_ranks_are_disjoint_with_equal_counts(data):
     source = InMemorySource(x, domain)
     seen, counts = [], []
     for rank in range(3):
-        loader = TrainingLoader(source, batch_size=64, shard_size=100, buffer_shards=2, rank=rank, world_size=3)
+        loader = TrainingLoader(
+            source, LoaderConfig(batch_size=64, shard_size=100, buffer_shards=2), rank=rank, world_size=3
+        )
         counts.append(_check_epoch(loader, x, domain, epoch=0))
         seen.append(np.concatenate(list(loader.sampler.batch_rows(0))))
     assert len(set(counts)) == 1
@@ -157,7 +167,7 @@ class _FailingSource:
 def test_read_errors_propagate_with_traceback(data):
     x, domain = data
     source = _FailingSource(InMemorySource(x, domain), fail_at=4)
-    loader = TrainingLoader(source, batch_size=32, shard_size=100, buffer_shards=1, seed=0)
+    loader = TrainingLoader(source, LoaderConfig(batch_size=32, shard_size=100, buffer_shards=1, seed=0))
     got = 0
     with pytest.raises(OSError, match="disk on fire") as info:
         for _ in loader.epoch(0):
@@ -177,7 +187,7 @@ def test_bad_source_output_is_reported(data):
             indptr, indices, values, dom = self.inner.read(start, stop)
             return indptr, indices, values, dom[:-1]
 
-    loader = TrainingLoader(Short(InMemorySource(x, domain), 10**9), batch_size=32, shard_size=100)
+    loader = TrainingLoader(Short(InMemorySource(x, domain), 10**9), LoaderConfig(batch_size=32, shard_size=100))
     with pytest.raises(ValueError, match="source.read"):
         next(iter(loader))
     _wait_no_threads()
@@ -191,8 +201,10 @@ class _SlowSource(InMemorySource):
 
 def test_early_break_does_not_hang(data):
     x, domain = data
-    loader = TrainingLoader(_SlowSource(x, domain), batch_size=16, shard_size=50, buffer_shards=1,
-                            prefetch=3, num_workers=2, seed=0)
+    loader = TrainingLoader(
+        _SlowSource(x, domain),
+        LoaderConfig(batch_size=16, shard_size=50, buffer_shards=1, prefetch=3, num_workers=2, seed=0),
+    )
     for i, _ in enumerate(loader.epoch(0)):
         if i == 2:
             break
@@ -210,7 +222,7 @@ def test_early_break_does_not_hang(data):
 
 def test_consumer_exception_inside_with_stops_threads(data):
     x, domain = data
-    loader = TrainingLoader(InMemorySource(x, domain), batch_size=16, shard_size=50, seed=0)
+    loader = TrainingLoader(InMemorySource(x, domain), LoaderConfig(batch_size=16, shard_size=50, seed=0))
     with pytest.raises(KeyError):
         with loader.epoch(0) as batches:
             for _ in batches:
@@ -220,7 +232,7 @@ def test_consumer_exception_inside_with_stops_threads(data):
 
 def test_unstarted_iterator_starts_no_threads(data):
     x, domain = data
-    loader = TrainingLoader(InMemorySource(x, domain), batch_size=16, shard_size=50, seed=0)
+    loader = TrainingLoader(InMemorySource(x, domain), LoaderConfig(batch_size=16, shard_size=50, seed=0))
     it = loader.epoch(0)
     assert not _loader_threads()
     it.close()
@@ -230,14 +242,35 @@ def test_config_validation(data):
     x, domain = data
     source = InMemorySource(x, domain)
     with pytest.raises(ValueError, match="prefetch"):
-        TrainingLoader(source, prefetch=0)
+        TrainingLoader(source, LoaderConfig(prefetch=0))
     with pytest.raises(ValueError, match="start_batch"):
-        TrainingLoader(source, batch_size=64).epoch(0, start_batch=10**6)
-    loader = TrainingLoader.from_config(source, LoaderConfig(batch_size=128, shard_size=512))
+        TrainingLoader(source, LoaderConfig(batch_size=64)).epoch(0, start_batch=10**6)
+    loader = TrainingLoader(source, LoaderConfig(batch_size=128, shard_size=512))
     assert loader.batches_per_epoch == N_ROWS // 128
+    for field in ("batch_size", "shard_size", "buffer_shards", "num_workers"):
+        with pytest.raises(ValueError, match=f"LoaderConfig.{field}"):
+            LoaderConfig(**{field: 0})
+    with pytest.raises(TypeError, match="LoaderConfig"):
+        TrainingLoader(source, {"batch_size": 64})  # type: ignore[arg-type]
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             TrainingLoader(source, pin_memory=True)
+
+
+def test_loader_from_train_config(data):
+    """TrainConfig's batch_size and seed plus TrainConfig.loader's knobs make the loader; runtime args stay apart."""
+    from scalex_scale.train import TrainConfig
+
+    x, domain = data
+    source = InMemorySource(x, domain)
+    knobs = LoaderConfig(shard_size=100, buffer_shards=3, drop_last=False, num_workers=1, prefetch=3)
+    train = TrainConfig(batch_size=48, seed=7, loader=knobs)
+    loader = TrainingLoader.from_train_config(source, train, rank=1, world_size=2)
+    assert loader.config == LoaderConfig(48, 100, 3, False, 7, 3, 1, True) == train.loader_config()
+    assert (loader.rank, loader.world_size, loader.pin_memory) == (1, 2, False)
+    direct = TrainingLoader(source, train.loader_config(), rank=1, world_size=2)
+    assert [r.tolist() for r in loader.sampler.batch_rows(0)] == [r.tolist() for r in direct.sampler.batch_rows(0)]
+    _check_epoch(loader, x, domain, epoch=0)
 
 
 def test_batch_composition_tv_on_a_prepermuted_source():
@@ -246,7 +279,7 @@ def test_batch_composition_tv_on_a_prepermuted_source():
     Bound and its justification: see ``test_tv_prepermuted_matches_iid`` in test_samplers.py.
     """
     x, domain = _matrix(n_rows=60_000, seed=2)
-    loader = TrainingLoader(InMemorySource(x, domain), batch_size=64, seed=0)
+    loader = TrainingLoader(InMemorySource(x, domain), LoaderConfig(batch_size=64, seed=0))
     stats = batch_composition_tv(loader, domain, n_batches=900, seed=3)
     assert abs(stats["difference"]) < 4 * np.hypot(stats["loader_tv_se"], stats["iid_tv_se"])
     assert stats["ratio"] < 1.1
@@ -260,7 +293,9 @@ def test_batch_composition_tv_on_a_prepermuted_source():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pinned_batches_densify_on_cuda(data):
     x, domain = data
-    loader = TrainingLoader(InMemorySource(x, domain), batch_size=64, shard_size=100, pin_memory=True, seed=0)
+    loader = TrainingLoader(
+        InMemorySource(x, domain), LoaderConfig(batch_size=64, shard_size=100, seed=0), pin_memory=True
+    )
     dense = torch.from_numpy(x.toarray())
     for batch, rows in zip(loader.epoch(0), loader.sampler.batch_rows(0)):
         assert batch.values.is_pinned()
@@ -279,8 +314,10 @@ def test_rows_without_entries():
     x.eliminate_zeros()
     domain = rng.integers(0, 2, 500).astype(np.int32)
     assert (np.diff(x.indptr) == 0).sum() > 200
-    loader = TrainingLoader(InMemorySource(x, domain), batch_size=16, shard_size=20, buffer_shards=2,
-                            drop_last=False, seed=0)
+    loader = TrainingLoader(
+        InMemorySource(x, domain),
+        LoaderConfig(batch_size=16, shard_size=20, buffer_shards=2, drop_last=False, seed=0),
+    )
     assert _check_epoch(loader, x, domain, epoch=0) == loader.batches_per_epoch
 
 
@@ -296,7 +333,7 @@ def _cpu_ring(loader: TrainingLoader, n_slots: int = 6):
 def test_persistent_pipeline_runs_across_epochs_without_restarting(data):
     x, domain = data
     source = InMemorySource(x, domain)
-    loader = TrainingLoader(source, batch_size=64, shard_size=100, buffer_shards=3, seed=5)
+    loader = TrainingLoader(source, LoaderConfig(batch_size=64, shard_size=100, buffer_shards=3, seed=5))
     for epoch in range(3):
         assert _check_epoch(loader, x, domain, epoch=epoch) == loader.batches_per_epoch
         assert _loader_threads()  # still reading ahead: the next epoch's plan
@@ -317,8 +354,11 @@ def test_persistent_and_per_epoch_pipelines_yield_the_same_batches(data):
     source = InMemorySource(x, domain)
     runs = []
     for persistent in (True, False):
-        with TrainingLoader(source, batch_size=50, shard_size=128, buffer_shards=2, seed=9, persistent=persistent,
-                            rank=1, world_size=2) as loader:
+        with TrainingLoader(
+            source,
+            LoaderConfig(batch_size=50, shard_size=128, buffer_shards=2, seed=9, persistent=persistent),
+            rank=1, world_size=2,
+        ) as loader:
             runs.append([b.to_dense("cpu")[0] for e in range(3) for b in loader.epoch(e)])
         assert loader.restarts == (1 if persistent else 3)
     assert len(runs[0]) == len(runs[1]) and all(torch.equal(a, b) for a, b in zip(*runs))
@@ -329,8 +369,8 @@ def test_every_row_once_per_epoch_across_ranks_with_persistent_pipelines(data):
     x, domain = data
     ids = sp.csr_matrix(np.arange(1, N_ROWS + 1, dtype=np.float32)[:, None])  # column 0 = row id + 1
     source = InMemorySource(sp.hstack([ids, x], format="csr"), domain)
-    loaders = [TrainingLoader(source, batch_size=25, shard_size=64, buffer_shards=2, seed=1, rank=r, world_size=3,
-                              drop_last=False) for r in range(3)]  # fmt: skip
+    config = LoaderConfig(batch_size=25, shard_size=64, buffer_shards=2, seed=1, drop_last=False)
+    loaders = [TrainingLoader(source, config, rank=r, world_size=3) for r in range(3)]
     for epoch in range(2):
         rows = [int(v) - 1 for ld in loaders for b in ld.epoch(epoch) for v in b.to_dense("cpu")[0][:, 0].tolist()]
         assert sorted(rows) == list(range(N_ROWS))
@@ -342,7 +382,9 @@ def test_every_row_once_per_epoch_across_ranks_with_persistent_pipelines(data):
 
 def test_packed_batches_in_a_ring_of_slots(data):
     x, domain = data
-    loader = TrainingLoader(InMemorySource(x, domain), batch_size=64, shard_size=100, buffer_shards=3, seed=5)
+    loader = TrainingLoader(
+        InMemorySource(x, domain), LoaderConfig(batch_size=64, shard_size=100, buffer_shards=3, seed=5)
+    )
     ring = _cpu_ring(loader)
     n = _check_epoch(loader, x, domain, epoch=0)
     assert n == loader.batches_per_epoch > ring.n_slots  # slots were reused
@@ -364,7 +406,9 @@ def test_packed_batches_in_a_ring_of_slots(data):
 
 def test_ring_grows_instead_of_deadlocking_when_batches_are_held(data):
     x, domain = data
-    loader = TrainingLoader(InMemorySource(x, domain), batch_size=200, shard_size=500, buffer_shards=2, seed=0)
+    loader = TrainingLoader(
+        InMemorySource(x, domain), LoaderConfig(batch_size=200, shard_size=500, buffer_shards=2, seed=0)
+    )
     _cpu_ring(loader, n_slots=2)
     held = list(loader.epoch(0))  # never staged, never dropped: the ring must add slots
     assert len(held) == loader.batches_per_epoch
@@ -402,7 +446,7 @@ def test_batches_without_flat_positions_densify_the_same(data):
     from scalex_scale.data.batch import CSRBatch
 
     x, domain = data
-    loader = TrainingLoader(InMemorySource(x, domain), batch_size=64, shard_size=100, seed=5)
+    loader = TrainingLoader(InMemorySource(x, domain), LoaderConfig(batch_size=64, shard_size=100, seed=5))
     with loader.epoch(0) as batches:
         for batch, _ in zip(batches, range(5)):
             plain = CSRBatch(batch.indptr, batch.indices, batch.values, batch.domain, batch.n_features)

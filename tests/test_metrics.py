@@ -160,7 +160,7 @@ def reference_mixing_score(data, batches, draw, n_neighbors=100, n_pools=100, n_
     P = np.zeros(N_batches)
     for i in range(N_batches):
         P[i] = np.mean(batches == batches_[i])
-    for t in range(n_pools):
+    for _ in range(n_pools):
         indices = draw(np.arange(data.shape[0]), n_samples_per_pool)
         score += np.mean(
             [

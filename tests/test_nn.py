@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,15 +10,6 @@ from scalex_scale.kernels import dsbn_reference
 from scalex_scale.nn import DSBN, LossOutput, SCALEXModule
 
 N_FEATURES, N_DOMAINS, N_HIDDEN = 24, 3, 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is faster and shares the CPU (no spinning OpenMP threads)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _batch(n: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

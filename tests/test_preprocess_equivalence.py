@@ -25,17 +25,16 @@ import pytest
 import scipy.sparse as sp
 from sklearn.preprocessing import MaxAbsScaler
 
-from scalex_scale.preprocess import (
+from scalex_scale.preprocessing import (
     PreprocessConfig,
     PreprocessState,
-    compute_maxabs,
     gene_moments_chunk,
     preprocess_chunks,
-    transform_chunks,
+    transform_chunk,
     tree_merge,
 )
-from scalex_scale.preprocess.state import GLOBAL_MAXABS_KEY, FilterPlan
-from scalex_scale.preprocess.transform import cell_filter_chunk
+from scalex_scale.preprocessing.state import GLOBAL_MAXABS_KEY, FilterPlan
+from scalex_scale.preprocessing.transform import cell_filter_chunk
 
 sc = pytest.importorskip("scanpy")
 
@@ -100,6 +99,12 @@ def load(name: str) -> ad.AnnData:
 def factory(x: sp.csr_matrix, codes: np.ndarray, chunk: int | None):
     step = x.shape[0] if chunk is None else chunk
     return lambda: ((x[i : i + step], codes[i : i + step]) for i in range(0, x.shape[0], step))
+
+
+def transform_chunks(chunks, state: PreprocessState, *, maxabs=None):
+    """The shipped third pass (:func:`transform_chunk`) over every chunk, as the runner maps it."""
+    for x, codes in chunks():
+        yield transform_chunk(x, codes, state, maxabs=maxabs)
 
 
 # ------------------------------------------------------------------------------------------------- reference
@@ -282,7 +287,12 @@ def test_global_scaling_matches_single_maxabs_scaler():
     assert_scaled_equal(y, ref.scaled)
 
 
-def test_projection_uses_new_data_maxabs_and_atlas_features():
+def test_projection_uses_new_data_maxabs_and_atlas_features(tmp_path):
+    """The MaxAbs ``project`` computes (:func:`~scalex_scale.preprocessing.scaling.projection_maxabs`, over the
+    query's rows in an atlas) is scikit-learn's MaxAbsScaler fit on the query."""
+    from scalex_scale.preprocessing.scaling import projection_maxabs
+    from scalex_scale.store import Atlas, ingest
+
     a = load("synthetic")
     atlas = a[a.obs["batch"].isin(["s0", "s2"])].copy()
     query = a[a.obs["batch"] == "s1"].copy()
@@ -293,7 +303,10 @@ def test_projection_uses_new_data_maxabs_and_atlas_features():
     )  # fmt: skip
     st = PreprocessState.from_json(res.state.to_json())
     qcodes = np.zeros(query.n_obs, dtype=np.int64)  # one new batch
-    m = compute_maxabs(factory(query.X, qcodes, 50), st, 1)
+    q_atlas = tmp_path / "q.zarr"
+    ingest(q_atlas, [query], batch_names=["q"])
+    record = projection_maxabs(Atlas.open(q_atlas), st, (0, query.n_obs), ["q"], n_workers=1)
+    m = np.asarray([record["q"]], dtype=np.float32)
     y = sp.vstack([t for t, _ in transform_chunks(factory(query.X, qcodes, 50), st, maxabs=m)]).tocsr()
     # reference: same cell filter, totals over the atlas' kept genes, atlas features, MaxAbs fit on the query
     with warnings.catch_warnings():

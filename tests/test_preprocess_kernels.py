@@ -12,10 +12,10 @@ import pytest
 import scipy.sparse as sp
 from sklearn.preprocessing import MaxAbsScaler
 
-from scalex_scale.preprocess import kernels as K
-from scalex_scale.preprocess.hvg import nth_highest, select_variable_peaks, seurat_dispersions_single_batch
-from scalex_scale.preprocess.state import GLOBAL_MAXABS_KEY, PreprocessConfig, PreprocessState, qc_feature_mask
-from scalex_scale.preprocess.stats import (
+from scalex_scale.preprocessing import kernels as K
+from scalex_scale.preprocessing.hvg import nth_highest, select_variable_peaks, seurat_dispersions_single_batch
+from scalex_scale.preprocessing.state import GLOBAL_MAXABS_KEY, PreprocessConfig, PreprocessState, qc_feature_mask
+from scalex_scale.preprocessing.stats import (
     CellFilterStats,
     GeneMomentStats,
     MaxAbsStats,
@@ -26,7 +26,7 @@ from scalex_scale.preprocess.stats import (
     merge,
     tree_merge,
 )
-from scalex_scale.preprocess.transform import atac_values_from_totals, maxabs_to_factors
+from scalex_scale.preprocessing.transform import atac_values_from_totals, maxabs_to_factors
 
 
 def random_csr(

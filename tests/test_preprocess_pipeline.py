@@ -7,8 +7,9 @@ import pytest
 import scipy.sparse as sp
 import zarr
 
-from scalex_scale.preprocess.pipeline import preprocess
 from scalex_scale.store import Atlas, PreprocessError, ingest
+from scalex_scale.workflows.preprocess import preprocess
+
 from test_preprocess_equivalence import load, scanpy_rna, synthetic_adata
 from test_store_ingest import _snapshot
 

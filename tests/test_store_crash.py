@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
-import numpy as np
 import pytest
 import torch
 
@@ -157,10 +156,11 @@ def _spawned(name: str, trial: Trial, k: int) -> int:
     import subprocess
     import sys
 
+    tests, atlas, model = str(Path(__file__).parent), str(trial.atlas), str(trial.model)
     code = (
-        "import sys, torch; torch.set_num_threads(1); sys.path.insert(0, {tests!r}); import test_store_crash as t; "
-        "t.COMMANDS[{name!r}].run(t.Path({atlas!r}), t.Path({model!r}))"
-    ).format(tests=str(Path(__file__).parent), name=name, atlas=str(trial.atlas), model=str(trial.model))
+        f"import sys, torch; torch.set_num_threads(1); sys.path.insert(0, {tests!r}); import test_store_crash as t; "
+        f"t.COMMANDS[{name!r}].run(t.Path({atlas!r}), t.Path({model!r}))"
+    )
     env = {**os.environ, "SCALEX_SCALE_FAULT": f"exit:{k}", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode
 

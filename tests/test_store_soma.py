@@ -12,8 +12,8 @@ import pytest
 
 from scalex_scale.cli import main
 from scalex_scale.store import InputError, ingest
-from scalex_scale.store.txn import temporaries
 from scalex_scale.store.readers_soma import INSTALL_HINT, is_soma_uri, open_soma
+from scalex_scale.store.txn import temporaries
 
 from conftest import make_adata
 

@@ -27,15 +27,6 @@ from scalex_scale.train import (
 N_FEATURES, N_DOMAINS, N_HIDDEN = 32, 3, 48
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is faster and shares the CPU (no spinning OpenMP threads)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ------------------------------------------------------------------------- helpers
 def synthetic_problem(
     n_per_domain: int = 128, n_features: int = N_FEATURES, seed: int = 0
@@ -121,6 +112,30 @@ def test_config_json_roundtrip() -> None:
     assert back == cfg
     with pytest.raises(ValueError, match="unknown TrainConfig field.*bogus"):
         TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_config_loader_field_roundtrip_and_rules() -> None:
+    from scalex_scale.data import LoaderConfig
+
+    cfg = TrainConfig(batch_size=128, seed=3, loader=LoaderConfig(buffer_shards=2, shard_size=4096, num_workers=1))
+    as_json = json.loads(json.dumps(cfg.to_dict()))
+    assert as_json["loader"]["buffer_shards"] == 2
+    back = TrainConfig.from_dict(as_json)
+    assert back == cfg and isinstance(back.loader, LoaderConfig)
+    # TrainConfig's batch_size and seed win: the loader config is built from them
+    assert cfg.loader_config() == LoaderConfig(batch_size=128, seed=3, buffer_shards=2, shard_size=4096, num_workers=1)
+    # a dict written before the loader field existed still loads, with the default loader
+    old = {k: v for k, v in cfg.to_dict().items() if k != "loader"}
+    assert TrainConfig.from_dict(old).loader == LoaderConfig()
+    with pytest.raises(ValueError, match="unknown LoaderConfig field.*bogus"):
+        TrainConfig.from_dict({**cfg.to_dict(), "loader": {"bogus": 1}})
+    for name, value in (("batch_size", 256), ("seed", 5)):  # set on TrainConfig, not on its loader
+        with pytest.raises(ValueError, match=f"TrainConfig.loader.{name}=.*TrainConfig.{name}"):
+            TrainConfig(loader=LoaderConfig(**{name: value}))
+    with pytest.raises(TypeError, match="LoaderConfig"):
+        TrainConfig(loader={"buffer_shards": 2})  # type: ignore[arg-type]
+    # replacing the trainer seed (as rank_config does) keeps the config valid
+    assert dataclasses.replace(cfg, seed=1003).loader_config().seed == 1003
 
 
 @pytest.mark.parametrize(
@@ -339,14 +354,14 @@ def _real_loader(pinned_ring: bool = False, seed: int = 0):
     """The TrainingLoader over the synthetic problem (packed batches in a CPU ring when ``pinned_ring``)."""
     import scipy.sparse as sp
 
-    from scalex_scale.data import InMemorySource, TrainingLoader
+    from scalex_scale.data import InMemorySource, LoaderConfig, TrainingLoader
     from scalex_scale.data.pinned import PinnedRing
 
     x, domain = synthetic_problem()
     csr = sp.csr_matrix(x)
     source = InMemorySource.from_arrays(csr.indptr, csr.indices.astype(np.uint16), csr.data.astype(np.float16),
                                         domain, x.shape[1])  # as stored: float16 values, uint16 columns
-    loader = TrainingLoader(source, batch_size=64, shard_size=64, buffer_shards=2, seed=seed)
+    loader = TrainingLoader(source, LoaderConfig(batch_size=64, shard_size=64, buffer_shards=2, seed=seed))
     if pinned_ring:
         loader._ring = PinnedRing(4, allocate=lambda n: torch.empty(n, dtype=torch.uint8))
     return loader

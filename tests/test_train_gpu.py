@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scalex_scale.data import InMemorySource, TrainingLoader
+from scalex_scale.data import InMemorySource, LoaderConfig, TrainingLoader
 from scalex_scale.nn import SCALEXModule
 from scalex_scale.train import TrainConfig, Trainer
 
@@ -29,9 +29,9 @@ def _source(n_rows: int = 4096, seed: int = 0) -> InMemorySource:
                                       rng.integers(0, N_DOMAINS, n_rows).astype(np.int32), N_FEATURES)
 
 
-def _loader(batch_size: int = 64, **kw) -> TrainingLoader:
-    return TrainingLoader(_source(), batch_size=batch_size, shard_size=512, buffer_shards=2, seed=0,
-                          pin_memory=True, **kw)
+def _loader(batch_size: int = 64) -> TrainingLoader:
+    config = LoaderConfig(batch_size=batch_size, shard_size=512, buffer_shards=2)
+    return TrainingLoader(_source(), config, pin_memory=True)
 
 
 def _module(backend: str = "auto") -> SCALEXModule:
@@ -113,7 +113,7 @@ def test_large_batch_row_split_kernels_train() -> None:
     losses = []
     for graphs in (False, True):
         module = SCALEXModule(N_FEATURES, 1, n_hidden=256, seed=0)
-        with TrainingLoader(one, batch_size=4096, shard_size=1024, seed=0, pin_memory=True) as loader:
+        with TrainingLoader(one, LoaderConfig(batch_size=4096, shard_size=1024, seed=0), pin_memory=True) as loader:
             result = Trainer(module, _config(cuda_graphs=graphs, max_iterations=12)).fit(loader)
         losses.append([r.loss for r in result.history])
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
@@ -122,7 +122,7 @@ def test_large_batch_row_split_kernels_train() -> None:
 def test_pinned_ring_under_asynchronous_copies() -> None:
     """A small ring, many batches, copies queued far ahead of a slow stream: every batch arrives intact."""
     src = _source()
-    loader = TrainingLoader(src, batch_size=32, shard_size=256, buffer_shards=2, seed=3, pin_memory=True)
+    loader = TrainingLoader(src, LoaderConfig(batch_size=32, shard_size=256, buffer_shards=2, seed=3), pin_memory=True)
     loader._ring = type(loader._ring)(3)
     from scalex_scale.data.device import device_batches
 

@@ -1,8 +1,8 @@
 """Mini-batch data path: numpy-only samplers, and the torch loader that executes their plans.
 
-``scalex_scale.data.samplers`` never imports torch; the torch-side names (``TrainingLoader``,
-``InMemorySource``, ``CSRBatch``, ...) are imported lazily on first access so that importing the
-samplers (or this package) stays torch-free.
+``scalex_scale.data.samplers`` and ``scalex_scale.data.config`` (:class:`LoaderConfig`) never import
+torch; the torch-side names (``TrainingLoader``, ``InMemorySource``, ``CSRBatch``, ...) are imported
+lazily on first access so that importing the samplers (or this package) stays torch-free.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .config import LoaderConfig
 from .samplers import (
     DEFAULT_BUFFER_SHARDS,
     DEFAULT_SHARD_SIZE,
@@ -23,7 +24,6 @@ _LAZY = {
     "CSRBatch": "batch",
     "EpochIterator": "loader",
     "InMemorySource": "loader",
-    "LoaderConfig": "loader",
     "TrainingLoader": "loader",
     "TrainingSource": "loader",
 }
@@ -31,6 +31,7 @@ _LAZY = {
 __all__ = [
     "DEFAULT_BUFFER_SHARDS",
     "DEFAULT_SHARD_SIZE",
+    "LoaderConfig",
     "LoadRequest",
     "ShardSampler",
     "assemble_batches",

@@ -23,8 +23,8 @@ device; with ``pin_memory`` a batch is one page-locked buffer (domain, flat posi
 costs one host-to-device copy (:mod:`scalex_scale.data.batch`, :mod:`scalex_scale.data.pinned`).
 
 A buffer is read and gathered whole before its first batch is passed on, so the first batch of a
-pipeline comes after one buffer's read + gather (~0.2-0.5 s for 65,536 rows at ~400 non-zeros per row
-on one core; more on a busy host); after that the pipeline runs ahead of the consumer. The pipeline is
+pipeline comes after one buffer's read + gather (a fraction of a second for the default 65,536 rows:
+``bench/README.md``); after that the pipeline runs ahead of the consumer. The pipeline is
 persistent (``persistent=True``, the default): it reads on into the next epoch's plan when an epoch's
 last batch was yielded, so epochs do not restart it (at 1M cells and batch 64, the default 30,000
 iterations span two epochs; at batch 4,096 one epoch is ~240 iterations, i.e. 120+ restarts without).
@@ -48,15 +48,19 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from .batch import CSRBatch, _Lease, pack_layout
+from .config import LoaderConfig
 from .pinned import PinnedRing
-from .samplers import DEFAULT_BUFFER_SHARDS, DEFAULT_SHARD_SIZE, LoadRequest, ShardSampler
+from .samplers import LoadRequest, ShardSampler
+
+if TYPE_CHECKING:
+    from scalex_scale.train.config import TrainConfig
 
 __all__ = ["EpochIterator", "InMemorySource", "LoaderConfig", "TrainingLoader", "TrainingSource"]
 
@@ -216,8 +220,8 @@ def _read_buffer(source: TrainingSource, slices: tuple[tuple[int, int], ...]) ->
 def _element_index(starts: np.ndarray, lengths: np.ndarray, out_starts: np.ndarray, nnz: int) -> np.ndarray:
     """Concatenation of ``arange(starts[i], starts[i] + lengths[i])`` over rows, as one cumsum.
 
-    Steps of +1 everywhere, with a jump at the first element of each non-empty row; ~5x faster than
-    ``repeat(starts - out_starts, lengths) + arange(nnz)``.
+    Steps of +1 everywhere, with a jump at the first element of each non-empty row: one pass and one
+    temporary, faster than ``repeat(starts - out_starts, lengths) + arange(nnz)`` (``bench/README.md``).
     """
     steps = np.ones(nnz, dtype=np.int64)
     if nnz == 0:
@@ -297,55 +301,6 @@ def _packed_batch(piece: _CSR, n_features: int, index: int, slot: torch.Tensor, 
     )  # fmt: skip
     weakref.finalize(batch, lease)  # dropped without being staged: the slot comes back too
     return batch
-
-
-# ---------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class LoaderConfig:
-    """Settings of a :class:`TrainingLoader`.
-
-    Parameters
-    ----------
-    batch_size, shard_size, buffer_shards, drop_last, rank, world_size, seed
-        The sampling plan, see :class:`~scalex_scale.data.samplers.ShardSampler`. The defaults
-        (8,192-row shards, 8 shards = 65,536 rows per buffer) suit batch sizes 64 to 4,096: a buffer
-        is 1,024 batches of 64 or 16 of 4,096, ~105 MB raw at ~400 non-zeros per row, and a shard
-        spans ~3 zarr chunks of 2**20 elements so a random-shard read wastes little. On a store
-        written in random row order they only tune I/O and memory, not randomness. Data-parallel
-        ranks must all use the same ``seed`` (and sizes); they then read disjoint rows and yield the
-        same number of batches.
-    prefetch
-        Buffers read and decoded ahead of the one being consumed (>= 1).
-    num_workers
-        Reader threads (>= 1); more than ``prefetch`` cannot be used.
-    pin_memory
-        Return batches packed in page-locked memory (one fast, asynchronous host-to-CUDA copy per
-        batch), in a ring of reused slots (:mod:`scalex_scale.data.pinned`). Needs CUDA.
-    persistent
-        Keep the pipeline running across epochs: once an epoch's batches are all yielded, the threads
-        go on reading the next epoch (the plan of epoch ``e + 1`` from batch 0), so the next
-        ``epoch(e + 1)`` call starts without a pipeline restart. Any other call (another epoch, a
-        ``start_batch``, an epoch left early) restarts the pipeline where asked. :meth:`TrainingLoader.close`
-        (or dropping the loader) stops it.
-    """
-
-    batch_size: int = 64
-    shard_size: int = DEFAULT_SHARD_SIZE
-    buffer_shards: int = DEFAULT_BUFFER_SHARDS
-    drop_last: bool = True
-    rank: int = 0
-    world_size: int = 1
-    seed: int = 0
-    prefetch: int = 2
-    num_workers: int = 2
-    pin_memory: bool = False
-    persistent: bool = True
-
-    def __post_init__(self) -> None:
-        if self.prefetch < 1 or self.num_workers < 1:
-            raise ValueError(f"prefetch and num_workers must be >= 1, got {self.prefetch}, {self.num_workers}")
-        if self.pin_memory and not torch.cuda.is_available():
-            raise ValueError("pin_memory=True needs CUDA, which is not available")
 
 
 # ---------------------------------------------------------------------- the pipeline
@@ -568,12 +523,18 @@ class TrainingLoader:
     ----------
     source
         The training matrix.
-    batch_size, shard_size, buffer_shards, drop_last, rank, world_size, seed, prefetch, num_workers, pin_memory, persistent
-        See :class:`LoaderConfig`.
+    config
+        The sampling plan and read-ahead: :class:`~scalex_scale.data.config.LoaderConfig`.
+    rank, world_size
+        This process's part of every epoch in data-parallel training (all ranks use the same
+        ``config``; they then read disjoint rows and yield the same number of batches).
+    pin_memory
+        Return batches packed in page-locked memory (one fast, asynchronous host-to-CUDA copy per
+        batch), in a ring of reused slots (:mod:`scalex_scale.data.pinned`). Needs CUDA.
 
     Examples
     --------
-    >>> with TrainingLoader(source, batch_size=64, seed=0) as loader:
+    >>> with TrainingLoader(source, LoaderConfig(batch_size=64, seed=0)) as loader:
     ...     for epoch in range(n_epochs):
     ...         with loader.epoch(epoch) as batches:
     ...             for batch in batches:
@@ -583,50 +544,52 @@ class TrainingLoader:
     def __init__(
         self,
         source: TrainingSource,
+        config: LoaderConfig = LoaderConfig(),
         *,
-        batch_size: int = 64,
-        shard_size: int = DEFAULT_SHARD_SIZE,
-        buffer_shards: int = DEFAULT_BUFFER_SHARDS,
-        drop_last: bool = True,
         rank: int = 0,
         world_size: int = 1,
-        seed: int = 0,
-        prefetch: int = 2,
-        num_workers: int = 2,
         pin_memory: bool = False,
-        persistent: bool = True,
     ) -> None:
-        config = LoaderConfig(
-            batch_size, shard_size, buffer_shards, drop_last, rank, world_size, seed, prefetch, num_workers, pin_memory,
-            persistent,
-        )  # fmt: skip
-        self._init(source, config)
-
-    @classmethod
-    def from_config(cls, source: TrainingSource, config: LoaderConfig) -> TrainingLoader:
-        """Build from a :class:`LoaderConfig`."""
-        loader = cls.__new__(cls)
-        loader._init(source, config)
-        return loader
-
-    def _init(self, source: TrainingSource, config: LoaderConfig) -> None:
+        if not isinstance(config, LoaderConfig):
+            raise TypeError(f"config must be a LoaderConfig, got {type(config).__name__}")
+        if pin_memory and not torch.cuda.is_available():
+            raise ValueError("pin_memory=True needs CUDA, which is not available")
         self.source = source
         self.config = config
+        self.rank, self.world_size, self.pin_memory = int(rank), int(world_size), bool(pin_memory)
         self.sampler = ShardSampler(
             int(source.n_rows),
             batch_size=config.batch_size,
             shard_size=config.shard_size,
             buffer_shards=config.buffer_shards,
             drop_last=config.drop_last,
-            rank=config.rank,
-            world_size=config.world_size,
+            rank=self.rank,
+            world_size=self.world_size,
             seed=config.seed,
         )
-        self._ring = PinnedRing(_QUEUE_BATCHES + 4) if config.pin_memory else None
+        self._ring = PinnedRing(_QUEUE_BATCHES + 4) if pin_memory else None
         # The live (persistent) pipeline and the (epoch, batch) its next batch belongs to.
         self._live: list[Any] = [None, None]
         self.restarts = 0
         self._finalizer = weakref.finalize(self, _close_live, self._live)
+
+    @classmethod
+    def from_train_config(
+        cls,
+        source: TrainingSource,
+        train_config: TrainConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ) -> TrainingLoader:
+        """The loader of a training run: :meth:`TrainConfig.loader_config` (``TrainConfig.loader`` with the
+        TrainConfig's ``batch_size`` and ``seed``) plus this process's runtime arguments.
+
+        Pass the user's TrainConfig, not a rank's (:func:`~scalex_scale.train.distributed.rank_config`
+        changes the seed per rank, and the ranks' shard orders must agree).
+        """
+        return cls(source, train_config.loader_config(), rank=rank, world_size=world_size, pin_memory=pin_memory)
 
     @property
     def batches_per_epoch(self) -> int:

@@ -13,11 +13,9 @@ Two engines:
 
 ``method="auto"`` picks ``"exact"`` when ``n <= EXACT_MAX_CELLS`` (any dimension) or when the
 dimension is at most :data:`KD_TREE_MAX_DIM` and ``n <= KD_TREE_MAX_CELLS``, and
-``"nndescent"`` otherwise. Measured on the benchmark's clustered 10-d latent, k = 89, CPU
-seconds on one core: 100k cells, kd-tree ~12 and NN-descent ~18 (plus ~20 s of per-process numba
-compilation); 300k, NN-descent ~60; 1M, kd-tree ~560 (tree-ordered queries, extrapolated) and
-NN-descent ~220 (extrapolated; ~340 measured on loaded cores). The kd-tree slows per query as n
-grows (cache misses); NN-descent needs more memory (3.4 GB peak at 1M x 90 neighbours).
+``"nndescent"`` otherwise: the kd-tree is faster up to a few hundred thousand 10-d cells, then
+slows per query as n grows (cache misses) while NN-descent scales better but needs more memory
+(timings and peaks: ``bench/README.md``, "Figures behind design choices").
 
 Memory: the outputs are ``int64`` indices and ``float32`` distances of shape (n, k); nothing of
 size n x n is ever formed.
@@ -141,7 +139,7 @@ def _exact_query(
     """Query a fitted index in chunks (threads over chunks); drop ``self_rows`` ids if given.
 
     ``order`` (a permutation of the query rows) sets the processing order: queries in the
-    kd-tree's leaf order hit the cache far better (2x faster at 1M points) than random order.
+    kd-tree's leaf order hit the cache far better than random order (``bench/README.md``).
     """
     from concurrent.futures import ThreadPoolExecutor
 

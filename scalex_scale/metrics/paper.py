@@ -254,8 +254,8 @@ def silhouette(
         uniformly without replacement (``rng.permutation(n)[:sample_size]``), as scikit-learn's
         ``silhouette_score(..., sample_size=)`` does: the returned value is the exact silhouette
         *of that subsample*, an estimate of the full-data score whose sampling error shrinks as
-        ``1 / sqrt(sample_size)``. The SCALEX paper/reference subsample to 50,000 cells (~10 s
-        here). ``None``: all cells, O(n^2) time (1M cells: hours).
+        ``1 / sqrt(sample_size)``. The SCALEX paper/reference subsample to 50,000 cells (seconds;
+        ``bench/README.md``). ``None``: all cells, O(n^2) time (1M cells: hours).
     rng
         Generator or seed for the subsample.
     rescale

@@ -44,13 +44,16 @@ from numba import float32, float64, int32, int64, prange
 
 from ._silhouette import silhouette_samples_subset
 from ._utils import as_float_matrix, as_generator, check_lengths, encode_labels, numba_threads
-from .knn import KNNMethod, exact_knn_rows, knn as _knn
+from .knn import KNNMethod, exact_knn_rows
+from .knn import knn as _knn
 from .paper import silhouette
 
 __all__ = [
     "lisi",
     "ilisi",
     "clisi",
+    "scale_ilisi",
+    "scale_clisi",
     "KBETResult",
     "kbet",
     "kbet_per_label",
@@ -297,6 +300,16 @@ def _median_lisi(X: np.ndarray | None, labels: Any, **kwargs: Any) -> tuple[floa
     return float(np.nanmedian(lisi(X, codes, **kwargs))), int(cats.size)
 
 
+def scale_ilisi(median: float, n_batches: int) -> float:
+    """iLISI scaled to [0, 1]: ``(median - 1) / (n_batches - 1)`` (scib / scib-metrics); NaN with one batch."""
+    return (median - 1.0) / (n_batches - 1.0) if n_batches > 1 else float("nan")
+
+
+def scale_clisi(median: float, n_labels: int) -> float:
+    """cLISI scaled to [0, 1], higher is better: ``(n_labels - median) / (n_labels - 1)``; NaN with one label."""
+    return (n_labels - median) / (n_labels - 1.0) if n_labels > 1 else float("nan")
+
+
 def ilisi(
     X: np.ndarray | None,
     batches: Any,
@@ -322,9 +335,7 @@ def ilisi(
         X, batches, knn=knn, cells=cells, sample_size=sample_size, perplexity=perplexity,
         n_neighbors=n_neighbors, method=method, rng=rng, n_jobs=n_jobs,
     )  # fmt: skip
-    if not scale:
-        return med
-    return (med - 1.0) / (n_cats - 1.0) if n_cats > 1 else float("nan")
+    return scale_ilisi(med, n_cats) if scale else med
 
 
 def clisi(
@@ -351,9 +362,7 @@ def clisi(
         X, labels, knn=knn, cells=cells, sample_size=sample_size, perplexity=perplexity,
         n_neighbors=n_neighbors, method=method, rng=rng, n_jobs=n_jobs,
     )  # fmt: skip
-    if not scale:
-        return med
-    return (n_cats - med) / (n_cats - 1.0) if n_cats > 1 else float("nan")
+    return scale_clisi(med, n_cats) if scale else med
 
 
 # ---------------------------------------------------------------------------------------------

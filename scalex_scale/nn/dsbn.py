@@ -45,7 +45,7 @@ class DSBN(nn.Module):
         local singletons); with False each rank normalizes with its own rows' statistics (what plain
         DDP does with BatchNorm). Eval mode, a single process, or no process group: no effect.
         Not saved in checkpoints (a runtime option); see also
-        :func:`scalex_scale.nn.sync_dsbn.convert_sync_dsbn`.
+        :func:`convert_sync_dsbn`.
     process_group
         The group ``sync`` synchronizes over (None: the default world group).
 
@@ -134,3 +134,30 @@ class DSBN(nn.Module):
             f"n_features={self.n_features}, n_domains={self.n_domains}, momentum={self.momentum}, "
             f"eps={self.eps}, backend={self.backend!r}" + (", sync=True" if self.sync else "")
         )
+
+
+def convert_sync_dsbn(module: torch.nn.Module, process_group: Any = None, *, sync: bool = True) -> torch.nn.Module:
+    """Switch every :class:`~scalex_scale.nn.DSBN` layer of ``module`` to synchronized statistics.
+
+    The analogue of :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm` for DSBN, but in place:
+    parameters, buffers and state-dict keys are unchanged (checkpoints do not record the option).
+
+    Parameters
+    ----------
+    module
+        Any module (e.g. a :class:`~scalex_scale.nn.SCALEXModule`).
+    process_group
+        Group to synchronize over (None: the world).
+    sync
+        False switches synchronization off again.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module`` itself.
+    """
+    for layer in module.modules():
+        if isinstance(layer, DSBN):
+            layer.sync = bool(sync)
+            layer.process_group = process_group
+    return module

@@ -13,7 +13,7 @@ Forward (one collective)
     ``K = running_mean`` (identical on every rank; shifting by a value near the mean keeps
     ``E[(x-K)^2] - E[x-K]^2`` accurate in float32). The ``(D, 2F + 1)`` tensor
     ``[count | sum | sum of squares]`` is summed over ranks by ONE ``all_reduce``. Each domain with a
-    global count ``>= 2`` is normalized with its global mini-batch mean and biased variance and its
+    global count ``>= MIN_ROWS_FOR_BATCH_STATS`` (2) is normalized with its global mini-batch mean and biased variance and its
     running statistics are updated with the unbiased variance ``var * n / (n - 1)`` of the global
     count ``n``: the same values on every rank. SINGLETON RULE on the GLOBAL count: a domain with
     exactly one row across all ranks is normalized with its running statistics and does not update
@@ -51,10 +51,10 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from scalex_scale.kernels import dsbn
+from scalex_scale.kernels import MIN_ROWS_FOR_BATCH_STATS, dsbn
 from scalex_scale.kernels.validation import check_dsbn_inputs
 
-__all__ = ["convert_sync_dsbn", "sync_dsbn", "sync_world_size"]
+__all__ = ["sync_dsbn", "sync_world_size"]
 
 
 def sync_world_size(process_group: Any = None) -> int:
@@ -107,7 +107,7 @@ class _SyncDSBNFunction(torch.autograd.Function):
         mean_s = stats[:, 1 : 1 + n_features] / n
         var_b = (stats[:, 1 + n_features :] / n - mean_s.square()).clamp_min(0.0)
         batch_mean = shift + mean_s
-        use_batch = (counts >= 2.0)[:, None]
+        use_batch = (counts >= MIN_ROWS_FOR_BATCH_STATS)[:, None]
         mean = torch.where(use_batch, batch_mean, shift)
         var = torch.where(use_batch, var_b, rv)
         invstd = torch.rsqrt(var + eps)
@@ -196,32 +196,3 @@ def sync_dsbn(
         float(momentum), float(eps), process_group,
     )
     return y.to(x.dtype)
-
-
-def convert_sync_dsbn(module: torch.nn.Module, process_group: Any = None, *, sync: bool = True) -> torch.nn.Module:
-    """Switch every :class:`~scalex_scale.nn.DSBN` layer of ``module`` to synchronized statistics.
-
-    The analogue of :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm` for DSBN, but in place:
-    parameters, buffers and state-dict keys are unchanged (checkpoints do not record the option).
-
-    Parameters
-    ----------
-    module
-        Any module (e.g. a :class:`~scalex_scale.nn.SCALEXModule`).
-    process_group
-        Group to synchronize over (None: the world).
-    sync
-        False switches synchronization off again.
-
-    Returns
-    -------
-    torch.nn.Module
-        ``module`` itself.
-    """
-    from scalex_scale.nn.dsbn import DSBN
-
-    for layer in module.modules():
-        if isinstance(layer, DSBN):
-            layer.sync = bool(sync)
-            layer.process_group = process_group
-    return module

@@ -16,8 +16,8 @@ from .errors import (
 )
 from .ingest import AppendOptions, IngestReport, append, ingest
 from .readers import InputSource, from_chunks, open_input
-from .txn import Transaction, pinned, transaction
 from .readers_soma import open_soma
+from .txn import Transaction, pinned, transaction
 
 __all__ = [
     "FORMAT_VERSION",

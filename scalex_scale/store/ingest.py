@@ -6,6 +6,7 @@ published in one atomic step, so a bad input, Ctrl-C, a full disk or a crash lea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -205,20 +206,18 @@ def _refuse_known_source(src: InputSource, key: str, value: str | None, known: l
             )
 
 
+#: TileDB-SOMA read options of :func:`ingest` (see :func:`~scalex_scale.store.readers_soma.open_soma`)
+SOMA_OPTIONS = ("measurement", "layer", "obs_filter")
+
+
 def ingest(
     store: str | Path,
     inputs: Sequence[Any],
+    options: AppendOptions | None = None,
     *,
-    batch_key: str | None = None,
-    batch_names: Sequence[str] | None = None,
-    join: Join = "inner",
-    profile: Profile = "RNA",
-    chunk_rows: int = 10_000,
-    allow_duplicates: bool = False,
+    soma: dict[str, Any] | None = None,
     lock_timeout: float | None = None,
-    measurement: str | None = None,
-    layer: str | None = None,
-    obs_filter: str | None = None,
+    **fields: Any,
 ) -> IngestReport:
     """Ingest inputs into the atlas at ``store``: create it, or append new batches to it (one transaction).
 
@@ -228,43 +227,45 @@ def ingest(
         Atlas path. Created when absent; otherwise the inputs are appended as new cells without rewriting the
         existing ones. Either way the atlas changes in one atomic step, or not at all.
     inputs
-        Paths (``.h5ad``, ``.h5``, AnnData ``.zarr``, 10x MTX directories, TileDB-SOMA experiments), in-memory AnnData objects, or
-        :class:`~scalex_scale.store.readers.InputSource` objects (e.g. from :func:`~scalex_scale.store.readers.from_chunks`).
-    batch_key
-        Read each cell's batch from this obs column.
-    batch_names
-        One batch name per input. Without ``batch_key`` and ``batch_names``: when every input has an obs column
-        ``batch`` it is used; otherwise each input is one batch named after its file (``AnnData #i`` in memory).
-    join
-        How the genes of a *new* atlas are joined: ``"inner"`` keeps the genes common to all inputs (the
-        reference's behaviour), ``"outer"`` their union (genes missing from an input are zero there). When
-        appending, the atlas' genes are fixed: missing genes are zero-filled and extra genes dropped, both reported.
-    profile
-        ``"RNA"`` or ``"ATAC"``; the default profile of later preprocessing.
-    chunk_rows
-        Cells read per chunk.
-    allow_duplicates
-        Add the cells even if the same cell names are already in the same batch, or the same source file or data
-        was added before (refused by default: it is almost always a mistake).
+        Paths (``.h5ad``, ``.h5``, AnnData ``.zarr``, 10x MTX directories, TileDB-SOMA experiments), in-memory
+        AnnData objects, or :class:`~scalex_scale.store.readers.InputSource` objects (e.g. from
+        :func:`~scalex_scale.store.readers.from_chunks`).
+    options
+        How the cells are labelled and checked (:class:`AppendOptions`): ``batch_key`` (read each cell's batch
+        from this obs column) or ``batch_names`` (one per input; without either, an obs column ``batch`` present in
+        every input is used, otherwise each input is one batch named after its file, ``AnnData #i`` in memory);
+        ``join`` of a *new* atlas' genes (``"inner"``: common to all inputs, the reference's behaviour;
+        ``"outer"``: their union, zero where missing; when appending the atlas' genes are fixed: missing genes are
+        zero-filled and extra genes dropped, both reported); ``profile`` (``"RNA"`` or ``"ATAC"``, the default of
+        later preprocessing); ``chunk_rows``; ``allow_duplicates`` (add the cells even if the same cell names are
+        already in the same batch, or the same source file or data was added before: refused by default, it is
+        almost always a mistake).
+    soma
+        For TileDB-SOMA experiments (e.g. CELLxGENE Census; ``soma://URI`` or a local experiment directory):
+        ``measurement`` (default ``"RNA"``), its X ``layer`` (default ``"raw"``) and ``obs_filter``, a tiledbsoma
+        ``value_filter`` on obs (e.g. ``"tissue_general == 'blood'"``). See
+        :func:`~scalex_scale.store.readers_soma.open_soma`.
     lock_timeout
         Seconds to wait for another writer of the atlas (None: wait; 0: fail at once).
-    measurement, layer, obs_filter
-        For TileDB-SOMA experiments (e.g. CELLxGENE Census; ``soma://URI`` or a local experiment directory):
-        the measurement (default ``"RNA"``), its X layer (default ``"raw"``) and a tiledbsoma ``value_filter``
-        on obs (e.g. ``"tissue_general == 'blood'"``). See :func:`~scalex_scale.store.readers_soma.open_soma`.
+    **fields
+        Shortcuts for single fields of ``options`` or ``soma`` (``batch_key="donor"``, ``measurement="RNA"``).
     """
-    if profile not in ("RNA", "ATAC"):
-        raise InputError(f"unknown profile {profile!r} (expected 'RNA' or 'ATAC')")
-    if join not in ("inner", "outer"):
-        raise InputError(f"unknown join {join!r} (expected 'inner' or 'outer')")
+    option_fields = {f.name for f in dataclasses.fields(AppendOptions)} - {"record"}
+    unknown = sorted(set(fields) - option_fields - set(SOMA_OPTIONS))
+    if unknown:
+        raise TypeError(f"ingest() got unexpected options {unknown}")
+    options = dataclasses.replace(options or AppendOptions(), **{k: v for k, v in fields.items() if k in option_fields})
+    soma = {**(soma or {}), **{k: fields[k] for k in SOMA_OPTIONS if fields.get(k) is not None}}
+    if options.profile not in ("RNA", "ATAC"):
+        raise InputError(f"unknown profile {options.profile!r} (expected 'RNA' or 'ATAC')")
+    if options.join not in ("inner", "outer"):
+        raise InputError(f"unknown join {options.join!r} (expected 'inner' or 'outer')")
     if not inputs:
         raise InputError("no inputs given")
-    soma = {k: v for k, v in {"measurement": measurement, "layer": layer, "obs_filter": obs_filter}.items() if v is not None}
     sources = [open_input(obj, i, soma=soma) for i, obj in enumerate(inputs)]
-    options = AppendOptions(batch_key, batch_names, chunk_rows, profile, join, allow_duplicates)
     try:
         with transaction(store, "ingest", lock_timeout=lock_timeout) as txn:
-            atlas = txn.create(_joined_genes(sources, join)) if txn.is_new else txn.atlas
+            atlas = txn.create(_joined_genes(sources, options.join)) if txn.is_new else txn.atlas
             return append(atlas, sources, options)
     finally:
         for src in sources:

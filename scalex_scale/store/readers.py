@@ -3,7 +3,7 @@
 Supported: ``.h5ad`` (opened backed, read in row chunks, never whole), AnnData Zarr stores, 10x Genomics
 MTX directories (``matrix.mtx[.gz]``, ``features.tsv[.gz]``/``genes.tsv[.gz]``, ``barcodes.tsv[.gz]``), 10x
 ``.h5`` files (v2 and v3 layouts), in-memory :class:`anndata.AnnData`, and any iterable of
-``(csr_chunk, obs_chunk)`` pairs (e.g. :func:`scalex_scale.datasets.synthetic_chunks`). TileDB-SOMA experiments
+``(csr_chunk, obs_chunk)`` pairs (e.g. :func:`scalex_scale.synthetic.synthetic_chunks`). TileDB-SOMA experiments
 (CELLxGENE Census) are read by :mod:`.readers_soma`.
 """
 

@@ -39,8 +39,8 @@ _OBS_NAME = "obs_id"
 _VAR_NAMES = ("feature_name", "var_id")
 _ID = "soma_joinid"
 #: TileDB read settings that bound the memory of one chunk's read (each overridable through ``tiledb_config``):
-#: with tiledbsoma's defaults (one result buffer for the whole chunk, a 10 GB tile budget) reading 10,000-cell
-#: chunks of 1,000 genes each peaked at 620-750 MB, with these at 430-460 MB, at the same speed.
+#: tiledbsoma's defaults (one result buffer for the whole chunk, a 10 GB tile budget) peak higher, at the same
+#: speed (figures: ``bench/README.md``, "Figures behind design choices").
 READ_CONFIG: dict[str, str | float] = {"soma.init_buffer_bytes": 32 * 2**20, "sm.mem.total_budget": 128 * 2**20}
 
 

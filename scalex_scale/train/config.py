@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import torch
 
+from scalex_scale.data.config import LoaderConfig
+
 Precision = Literal["fp32", "bf16"]
 
 
@@ -20,7 +22,9 @@ class TrainConfig:
     max_iterations
         Total optimizer steps; epochs = ``ceil(max_iterations / batches_per_epoch)``.
     batch_size
-        Cells per mini-batch (used by whoever builds the loader; drop_last is assumed).
+        Cells per mini-batch (per rank in data-parallel training); the loader's batch size
+        (:meth:`loader_config`, :meth:`TrainingLoader.from_train_config
+        <scalex_scale.data.loader.TrainingLoader.from_train_config>`).
     lr, weight_decay
         Adam learning rate and (L2, not decoupled) weight decay.
     patience
@@ -41,13 +45,19 @@ class TrainConfig:
         Capture the whole step (forward, backward, fused capturable Adam, loss accumulation) in a
         CUDA graph and replay it; CUDA only (an error on CPU). Needs a constant batch size.
     seed
-        Seed of the trainer's device generator (reparameterization noise). The module's weight
-        initialization has its own seed (its constructor).
+        Seed of the trainer's device generator (reparameterization noise) and of the loader's
+        shuffle (:meth:`loader_config`). The module's weight initialization has its own seed (its
+        constructor).
     progress
         Show a tqdm bar (loss and cells/s).
     log_every
         Steps between progress-bar refreshes of the running loss; each refresh costs one
         device-to-host sync. 0 refreshes only at epoch ends.
+    loader
+        The training loader's other knobs (shard size and shuffle buffer, ``drop_last``, read-ahead,
+        reader threads, persistence): a :class:`~scalex_scale.data.config.LoaderConfig`. Its
+        ``batch_size`` and ``seed`` are NOT used: the loader takes them from this TrainConfig
+        (:meth:`loader_config`), so leave them at their defaults (other values are an error).
     """
 
     max_iterations: int = 30000
@@ -63,8 +73,18 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     log_every: int = 50
+    loader: LoaderConfig = LoaderConfig()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.loader, LoaderConfig):
+            raise TypeError(f"loader must be a LoaderConfig, got {type(self.loader).__name__}")
+        default = LoaderConfig()
+        for name in ("batch_size", "seed"):
+            if getattr(self.loader, name) != getattr(default, name):
+                raise ValueError(
+                    f"TrainConfig.loader.{name}={getattr(self.loader, name)} is not used: the loader takes {name} "
+                    f"from TrainConfig.{name}; set TrainConfig({name}=...) and leave loader.{name} at its default"
+                )
         if self.max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
         if self.batch_size < 2:
@@ -82,17 +102,28 @@ class TrainConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
+    def loader_config(self) -> LoaderConfig:
+        """The :class:`~scalex_scale.data.config.LoaderConfig` of the training loader: :attr:`loader` with this
+        config's ``batch_size`` and ``seed`` (these two always come from the TrainConfig)."""
+        return dataclasses.replace(self.loader, batch_size=self.batch_size, seed=self.seed)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of every field."""
+        """JSON-able dict of every field (``loader`` as a nested dict)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error that names them."""
+        """Inverse of :meth:`to_dict`; unknown keys are an error that names them.
+
+        Dicts written before ``loader`` existed load with the default :class:`LoaderConfig`.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        data = dict(data)
+        if "loader" in data:
+            data["loader"] = LoaderConfig.from_dict(data["loader"])
         return cls(**data)
 
 

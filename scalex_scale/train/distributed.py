@@ -1,7 +1,7 @@
 """Multi-process, multi-node data-parallel training on ``torch.distributed`` (launched by torchrun).
 
 Each process (rank) trains the same :class:`~scalex_scale.nn.SCALEXModule` on its own disjoint part
-of every epoch (``TrainingLoader(..., rank=ctx.rank, world_size=ctx.world_size)``), wrapped in
+of every epoch (``TrainingLoader.from_train_config(..., rank=ctx.rank, world_size=ctx.world_size)``), wrapped in
 :class:`~torch.nn.parallel.DistributedDataParallel` so gradients are averaged over ranks after every
 backward: one optimizer step processes ``world_size * batch_size`` cells (``TrainConfig.batch_size``
 is the PER-RANK batch). NCCL on CUDA (one GPU per process, ``cuda:LOCAL_RANK``), Gloo on CPU.
@@ -10,8 +10,7 @@ The pieces, in the order a training entry point uses them::
 
     ctx = init_distributed(config.device)                      # reads RANK, WORLD_SIZE, LOCAL_RANK, ...
     try:
-        loader = TrainingLoader(source, batch_size=config.batch_size, seed=config.seed,
-                                rank=ctx.rank, world_size=ctx.world_size)
+        loader = TrainingLoader.from_train_config(source, config, rank=ctx.rank, world_size=ctx.world_size)
         check_agreement(ctx, training_fingerprint(store=..., n_train=source.n_rows, ...,
                                                   batches_per_epoch=loader.batches_per_epoch))
         module = SCALEXModule(..., seed=...)                    # DDP broadcasts rank 0's weights anyway
@@ -56,13 +55,12 @@ rank, with a message, instead of deadlocking.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -73,7 +71,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from scalex_scale.nn.sync_dsbn import convert_sync_dsbn
+from scalex_scale.nn.dsbn import convert_sync_dsbn
 from scalex_scale.train.config import TrainConfig
 from scalex_scale.train.trainer import Trainer, TrainerState
 
@@ -84,7 +82,6 @@ __all__ = [
     "LAUNCH_HINT",
     "barrier",
     "check_agreement",
-    "distributed_session",
     "distributed_trainer_state",
     "init_distributed",
     "rank_config",
@@ -274,16 +271,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def distributed_session(device: str = "auto", **kwargs: Any) -> Iterator[DistributedContext]:
-    """``with distributed_session(device) as ctx:`` -- :func:`init_distributed`, then :func:`shutdown`."""
-    ctx = init_distributed(device, **kwargs)
-    try:
-        yield ctx
-    finally:
-        shutdown()
-
-
 # -------------------------------------------------------------------------- agreement
 def state_hash(obj: Any) -> str:
     """SHA-256 (hex) of the canonical JSON of ``obj`` (sorted keys, no whitespace)."""
@@ -361,7 +348,7 @@ def _disagreement(fingerprints: list[Any]) -> str | None:
         for rank, text in enumerate(texts):
             groups.setdefault(text, []).append(rank)
         parts = []
-        for text, ranks in groups.items():
+        for ranks in groups.values():
             value = values[ranks[0]]
             shown = "<absent>" if value is absent else _short(value)
             parts.append(f"rank{'s' if len(ranks) > 1 else ''} {_ranks_str(ranks)}: {shown}")

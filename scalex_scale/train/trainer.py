@@ -21,10 +21,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from scalex_scale.data.device import device_batches
 from scalex_scale.nn.vae import LossOutput, SCALEXModule
 from scalex_scale.train.config import TrainConfig, cpu_has_bf16, resolve_device
-
-from scalex_scale.data.device import device_batches
 
 if TYPE_CHECKING:
     from scalex_scale.data.batch import CSRBatch, StagedBatch

@@ -309,13 +309,13 @@ def transform_chunk(
         (n_rows, state.n_vars) CSR raw counts over the atlas var (new data: aligned to it first, missing genes
         absent).
     batch_codes
-        (n_rows,) batch code of each row (indexes the rows of ``maxabs``; ignored for global scaling).
+        (n_rows,) batch code of each row (indexes the rows of ``maxabs``; ignored when it has a single row).
     state
         The preprocessing state.
     maxabs
-        (n_groups, n_features) MaxAbs per group; default: the atlas' (:meth:`~.state.PreprocessState.
-        maxabs_matrix`). For projection, pass MaxAbs computed on the new data (:func:`maxabs_chunk`); for global
-        scaling a single row.
+        (n_groups, n_features) MaxAbs per group, or a single row for all rows; default: the atlas'
+        (:meth:`~.state.PreprocessState.maxabs_matrix`). Which MaxAbs scales which batch (projected batches
+        included) is decided in one place: :func:`scalex_scale.preprocessing.scaling.maxabs_rows`.
 
     Returns
     -------
@@ -326,9 +326,7 @@ def transform_chunk(
     m = state.maxabs_matrix() if maxabs is None else np.asarray(maxabs, dtype=np.float32)
     if m.ndim != 2 or m.shape[1] != state.n_features:
         raise ValueError(f"maxabs must have shape (n_groups, {state.n_features})")
-    if state.scale == "global":
-        if m.shape[0] != 1:
-            raise ValueError("global scaling takes a single MaxAbs row")
+    if m.shape[0] == 1:  # one MaxAbs for every row (global scaling of one cohort)
         codes = np.zeros_like(codes)
     values, cell_mask = unscaled_chunk(x, state)
     data = K.scale_by_group(values, codes[cell_mask], maxabs_to_factors(m))

@@ -1,41 +1,40 @@
-"""Reference driver: the preprocessing passes over a re-iterable source of ``(csr, batch_codes)`` chunks.
+"""The preprocessing passes (what ``preprocess`` runs): raw counts -> QC masks, feature selection, MaxAbs.
 
-This is the sequential, in-memory-chunk version of what the store-backed pipeline does (there each pass maps chunks
-to accumulators that a dask tree reduction merges; here they are folded in place). Two passes over the raw counts:
+:func:`preprocess_chunks` strings the passes together over any runner: the shipped one is
+:class:`~.runner.DaskRunner` (atlas row ranges read from the store, folded as dask tasks, merged in a tree);
+:class:`SequentialRunner` folds a re-iterable source of in-memory ``(csr, batch_codes)`` chunks in place (the same
+arithmetic, for data that is already in memory). Two passes over the raw counts:
 
 pass A  :func:`~.transform.cell_filter_chunk` -> cell mask, per-feature expressing-cell counts -> kept features
         (RNA: ``min_cells`` genes; ATAC: ``min_cells`` peaks, then the ``n_top`` most variable ones)
 pass B  RNA: :func:`~.transform.gene_moments_chunk` -> per-batch moments -> seurat HVG, per-batch MaxAbs
         ATAC: :func:`~.transform.peak_totals_chunk` -> median total, per-batch MaxAbs
 
-then :func:`transform_chunks` (a third pass) yields the model input.
+then :func:`~.transform.transform_chunk` (the third pass, mapped by the runner) gives the model input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from numpy.typing import NDArray
 
 from .hvg import highly_variable_genes_from_stats, select_variable_peaks
 from .kernels import INT64_SENTINEL
 from .state import GLOBAL_MAXABS_KEY, FilterPlan, PreprocessConfig, PreprocessState, qc_feature_mask
-from .stats import CellFilterStats, GeneMomentStats, MaxAbsStats, PeakTotalStats
+from .stats import CellFilterStats, GeneMomentStats, PeakTotalStats
 from .transform import (
     atac_values_from_totals,
     cell_filter_chunk,
     gene_moments_chunk,
-    maxabs_chunk,
     peak_totals_chunk,
-    transform_chunk,
 )
 
-__all__ = ["ChunkSource", "PassRunner", "PreprocessResult", "SequentialRunner", "compute_maxabs", "preprocess_chunks", "transform_chunks"]
+__all__ = ["ChunkSource", "PassRunner", "PreprocessResult", "SequentialRunner", "preprocess_chunks"]
 
 ChunkSource = Callable[[], Iterable[tuple[Any, NDArray[np.integer]]]]
 """A callable returning a fresh iterable of ``(csr raw counts (rows, n_vars), batch codes (rows,))`` chunks, the
@@ -225,20 +224,3 @@ def preprocess_chunks(
         n_cells_kept=n_kept,
     )
     return PreprocessResult(state, cell_mask, var, cell_stats, feature_stats)
-
-
-def transform_chunks(
-    chunk_factory: ChunkSource, state: PreprocessState, *, maxabs: NDArray[np.floating] | None = None
-) -> Iterator[tuple[sp.csr_matrix, NDArray[np.bool_]]]:
-    """Yield :func:`~.transform.transform_chunk` of every chunk (scaled kept rows, kept-row mask)."""
-    for x, codes in chunk_factory():
-        yield transform_chunk(x, codes, state, maxabs=maxabs)
-
-
-def compute_maxabs(chunk_factory: ChunkSource, state: PreprocessState, n_groups: int) -> NDArray[np.float32]:
-    """MaxAbs of new data per group (projection): ``(n_groups, n_features)``, ``(1, n_features)`` if global."""
-    n_groups = 1 if state.scale == "global" else n_groups
-    acc = MaxAbsStats.empty(n_groups, state.n_features)
-    for x, codes in chunk_factory():
-        maxabs_chunk(x, codes, state, n_groups, into=acc)
-    return acc.max_abs

@@ -10,19 +10,11 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scalex_scale import embedding
-from scalex_scale.encode_pipeline import encode_chunks
 from scalex_scale.nn import SCALEXModule
+from scalex_scale.nn import encode as encode_module
+from scalex_scale.nn.encode import encode_chunks
 
 N_FEATURES = 30
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _module() -> SCALEXModule:
@@ -54,13 +46,13 @@ def _no_threads(timeout: float = 5.0) -> bool:
 @pytest.mark.parametrize("threads, queue_blocks", [(1, 1), (3, 4)])
 def test_bit_identical_to_the_serial_path_on_cpu(monkeypatch: pytest.MonkeyPatch, threads: int, queue_blocks: int):
     block = 7
-    monkeypatch.setattr(embedding, "ENCODE_BLOCK", block)
+    monkeypatch.setattr(encode_module, "ENCODE_BLOCK", block)
     module = _module()
     chunks = _chunks([0, 3, 7, 15, 1, 22])  # empty, smaller than a block, one block, several, a remainder
     got = list(encode_chunks(module, chunks, "cpu", block=block, threads=threads, queue_blocks=queue_blocks))
     assert [k for k, _ in got] == [k for k, _ in chunks]
     for (_, x), (_, mu) in zip(chunks, got, strict=True):
-        want = embedding.encode(module, x, torch.device("cpu"))
+        want = encode_module.encode(module, x, torch.device("cpu"))
         assert mu.dtype == np.float32 and mu.shape == (x.shape[0], module.n_latent)
         assert np.array_equal(mu, want)
     assert _no_threads()
@@ -88,19 +80,19 @@ def test_consumer_leaving_early_stops_the_threads():
 
 @pytest.mark.gpu
 def test_pipelined_embedding_on_cuda_matches_the_serial_path(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(embedding, "ENCODE_BLOCK", 64)
+    monkeypatch.setattr(encode_module, "ENCODE_BLOCK", 64)
     module = _module().to("cuda")
     chunks = _chunks([0, 100, 64, 300])
     got = list(encode_chunks(module, chunks, "cuda", block=64, inflight=2))
     for (_, x), (_, mu) in zip(chunks, got, strict=True):
-        want = embedding.encode(module, x, torch.device("cuda"))
+        want = encode_module.encode(module, x, torch.device("cuda"))
         np.testing.assert_array_equal(mu, want)  # same kernels on the same blocks
 
 
 def test_pinned_densify_adds_into_a_zeroed_float32_buffer(monkeypatch: pytest.MonkeyPatch):
     """The CUDA path densifies into page-locked float32 memory (toarray(out=...) adds: it must start at zero);
     checked here with ordinary memory standing in for pinned memory, and float64 input."""
-    from scalex_scale import encode_pipeline
+    from scalex_scale.nn import encode as encode_pipeline
 
     zeros = torch.zeros
     monkeypatch.setattr(encode_pipeline.torch, "zeros", lambda *a, pin_memory=False, **k: zeros(*a, **k))

@@ -1,4 +1,7 @@
-"""Evaluation of an atlas' integration: metrics table + JSON, and (with the ``plot`` extra) PNG plots."""
+"""``ss.evaluate``: an atlas' integration scored (metrics table + JSON) and, with the ``plot`` extra, plotted.
+
+The scores themselves (arrays in, numbers out) are :func:`scalex_scale.metrics.evaluate`.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .annotate import _labels, _latent
-from .store import Atlas
+from ..store import Atlas
+from .transfer import _labels, _latent
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,8 @@ def evaluate(
     transferred labels on the query cells, and the confusion matrix. With ``out``: ``metrics.json``,
     ``confusion.csv`` and, when umap-learn and matplotlib are installed, PNG plots.
     """
-    from .metrics import EvaluateConfig, ari, batch_entropy_mixing_score, confusion_percent, f1_scores, nmi
-    from .metrics import evaluate as evaluate_arrays
+    from ..metrics import EvaluateConfig, ari, batch_entropy_mixing_score, confusion_percent, f1_scores, nmi
+    from ..metrics import evaluate as evaluate_arrays
 
     atlas = Atlas.open(store)
     latent = _latent(atlas)
@@ -86,10 +89,12 @@ def evaluate(
             report.confusion.to_csv(out / "confusion.csv")
             report.files.append(str(out / "confusion.csv"))
         try:
-            from .plotting import write_plots
+            from .plots import write_plots
         except ImportError as err:
             log.warning("plots skipped (%s): pip install 'scalex-scale[plot]'", err)
         else:
             labels_all = _labels(atlas, label_key).astype(str).to_numpy() if label_key else None
-            report.files += write_plots(out, latent[ok], batches[ok], None if labels_all is None else labels_all[ok], report.confusion, umap=umap, seed=seed)
+            projected = sorted((atlas.state.get("projection") or {}).get("maxabs", {}))
+            report.files += write_plots(out, latent[ok], batches[ok], None if labels_all is None else labels_all[ok],
+                                        report.confusion, projected=projected, umap=umap, seed=seed)  # fmt: skip
     return report

@@ -108,8 +108,8 @@ import numpy as np
 import pandas as pd
 from numba import float32, int32, int64, prange, types
 
-from .metrics._utils import as_float_matrix, as_generator, check_lengths, encode_labels, numba_threads
-from .metrics.knn import KNNMethod, knn, knn_query
+from ._utils import as_float_matrix, as_generator, check_lengths, encode_labels, numba_threads
+from .knn import KNNMethod, knn, knn_query
 
 __all__ = ["TransferConfig", "TransferResult", "transfer_labels", "knn_classifier_transfer"]
 
@@ -562,7 +562,7 @@ def _cv_predictions(ref_X: np.ndarray, codes: np.ndarray, folds: np.ndarray, hel
 def _choose_k(ref_X: np.ndarray, codes: np.ndarray, folds: np.ndarray, held_out: np.ndarray, cfg: TransferConfig,
               gen: np.random.Generator, n_jobs: int | None) -> tuple[int, dict[int, float]]:
     """The ``k_choices`` entry with the best held-out mean of ARI and macro-F1 (ties: the larger k)."""
-    from .metrics import ari, f1_scores
+    from .paper import ari, f1_scores
 
     ks = sorted({min(k, ref_X.shape[0]) for k in cfg.k_choices})
     if len(ks) == 1 or np.unique(folds).size < 2:

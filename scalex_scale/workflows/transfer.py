@@ -1,4 +1,6 @@
-"""Label transfer on an atlas: reference cells' labels -> query cells, in the latent space.
+"""``ss.transfer``: label transfer on an atlas, reference cells' labels -> query cells, in the latent space.
+
+The vote itself (arrays in, labels out) is :func:`scalex_scale.metrics.label_transfer.transfer_labels`.
 
 The reference and the query are either batches of one atlas, or two stores: a query store written by
 ``project --query-store`` and the reference atlas it was projected against (``reference=``); the two latents must
@@ -16,10 +18,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .model_identity import check_same_model
-from .store import Atlas, transaction
-from .store.errors import ScalexError
-from .transfer import TransferConfig, transfer_labels
+from ..errors import ScalexError
+from ..metrics.label_transfer import TransferConfig, transfer_labels
+from ..model_identity import check_same_model
+from ..store import Atlas, transaction
 
 UNASSIGNED = "unassigned"
 Method = Literal["scalex", "knn5"]
@@ -148,12 +150,12 @@ def transfer(
         Which batches are reference and query. One store: reference defaults to the batches the model was trained
         on, query to all others. Two stores: all batches of each.
     method
-        ``"scalex"``: :func:`scalex_scale.transfer.transfer_labels` (weighted vote, ``unassigned`` for cells no
+        ``"scalex"``: :func:`scalex_scale.metrics.label_transfer.transfer_labels` (weighted vote, ``unassigned`` for cells no
         reference type explains); ``"knn5"``: the reference package's rule, scikit-learn
         ``KNeighborsClassifier()`` (k = 5, uniform, never unassigned; confidence = the winner's vote share), as
-        :func:`scalex_scale.transfer.knn_classifier_transfer`.
+        :func:`scalex_scale.metrics.label_transfer.knn_classifier_transfer`.
     config
-        :class:`~scalex_scale.transfer.TransferConfig` of the ``"scalex"`` method (default: its defaults).
+        :class:`~scalex_scale.metrics.label_transfer.TransferConfig` of the ``"scalex"`` method (default: its defaults).
     seed
         Seed of approximate neighbour search (large atlases).
 
@@ -190,7 +192,7 @@ def _transfer(
     target: Atlas, ref_atlas: Atlas, label_key: str, reference_batches: Sequence[str] | None,
     query_batches: Sequence[str] | None, method: str, config: TransferConfig | None, seed: int,
 ) -> TransferSummary:  # fmt: skip
-    from .metrics import ari, f1_scores, nmi
+    from ..metrics import ari, f1_scores, nmi
 
     if ref_atlas is target:
         ref_b, query_b = split_batches(target, reference_batches, query_batches)

@@ -36,6 +36,9 @@ GLOBAL_MAXABS_KEY = "__all__"
 """Key of the single MaxAbs vector in :attr:`PreprocessState.maxabs` when ``scale == "global"``."""
 
 DEFAULT_N_TOP: dict[str, int] = {"RNA": 2000, "ATAC": 30000}
+#: Default cell filter per profile: the paper's 600 genes for RNA; for ATAC the reference package's
+#: ``preprocessing_atac`` default of 100 peaks (binarized peaks per cell are far fewer than genes per cell).
+DEFAULT_MIN_FEATURES: dict[str, int] = {"RNA": 600, "ATAC": 100}
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,8 @@ class PreprocessConfig:
         ``"RNA"`` (filter, normalize_total + log1p, seurat HVG per batch) or ``"ATAC"`` (binarize, filter, most
         variable peaks, median-total normalization).
     min_features
-        A cell is kept when it has at least this many features with a value ``> 0`` (after the name filter).
+        A cell is kept when it has at least this many features with a value ``> 0`` (after the name filter);
+        ``None``: the profile's default (RNA 600, ATAC 100: :data:`DEFAULT_MIN_FEATURES`).
     min_cells
         A feature is kept when at least this many *kept* cells have a value ``> 0``.
     n_top_features
@@ -64,7 +68,7 @@ class PreprocessConfig:
     """
 
     profile: Profile = "RNA"
-    min_features: int = 600
+    min_features: int | None = None
     min_cells: int = 3
     n_top_features: int | None = None
     target_sum: float = 1e4
@@ -75,6 +79,8 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.profile not in ("RNA", "ATAC"):
             raise ValueError(f"profile must be 'RNA' or 'ATAC', got {self.profile!r}")
+        if self.min_features is None:
+            object.__setattr__(self, "min_features", DEFAULT_MIN_FEATURES[self.profile])
         if self.scale not in ("batch", "global"):
             raise ValueError(f"scale must be 'batch' or 'global', got {self.scale!r}")
         if self.min_features < 0 or self.min_cells < 0:

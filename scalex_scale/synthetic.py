@@ -35,9 +35,8 @@ Generative model
 Sampling never touches the undetected genes of a cell: the negative binomial is written as a compound
 Poisson distribution (a Poisson number of events, each adding 0 or a logarithmic-series count), and the
 events are a Poisson(L) stream of genes drawn from the alias table of ``p[b, t]``. The work per cell is
-proportional to its library size, not to ``n_genes``: about 20,000 cells per CPU-second at 5,000 genes
-and 500 genes a cell (about 1,100 counts), so 1M cells take about 50 CPU-seconds on one core; about 3x
-slower at 1,000 genes a cell (3,300 counts).
+proportional to its library size, not to ``n_genes`` (throughput: bench/README.md, "Figures behind design
+choices").
 
 Detected genes and the SCALEX cell filter (600 genes)
 -----------------------------------------------------

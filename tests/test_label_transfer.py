@@ -8,7 +8,7 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from scalex_scale.metrics import f1_scores
-from scalex_scale.transfer import TransferConfig, TransferResult, knn_classifier_transfer, transfer_labels
+from scalex_scale.metrics.label_transfer import TransferConfig, TransferResult, knn_classifier_transfer, transfer_labels
 
 NAMES = np.array([f"t{i}" for i in range(7)], dtype=object)
 

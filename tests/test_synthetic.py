@@ -1,4 +1,4 @@
-"""Tests of the synthetic single-cell count generator (scalex_scale.datasets)."""
+"""Tests of the synthetic single-cell count generator (scalex_scale.synthetic)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
-from scalex_scale import datasets as ds
-from scalex_scale.datasets import (
+from scalex_scale import synthetic as ds
+from scalex_scale.synthetic import (
     SyntheticConfig,
     celltype_presence,
     make_synthetic,

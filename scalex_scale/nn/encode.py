@@ -1,6 +1,6 @@
 """Encoding many cells with overlap: read / densify / copy / encode / copy back, each stage ahead of the next.
 
-The serial path (:func:`scalex_scale.embedding.encode`) densifies a block of rows on the CPU, copies it,
+The serial path (:func:`encode`) densifies a block of rows on the CPU, copies it,
 encodes it and copies ``mu`` back, one block after the other: on a GPU the device idles while the CPU
 densifies and the CPU idles while it waits. :func:`encode_chunks` runs the same blocks through a pipeline:
 
@@ -32,7 +32,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .nn import SCALEXModule
+from scalex_scale.nn.vae import SCALEXModule
+
+#: Cells densified and encoded at once.
+ENCODE_BLOCK = 4096
 
 __all__ = ["encode_chunks"]
 
@@ -130,7 +133,7 @@ def encode_chunks(
     chunks: Iterable[tuple[Any, sp.csr_matrix]],
     device: torch.device | str,
     *,
-    block: int = 4096,
+    block: int = ENCODE_BLOCK,
     threads: int = 2,
     queue_blocks: int = 4,
     inflight: int = 2,
@@ -213,3 +216,15 @@ def encode_chunks(
             yield from finish(pending.popleft())
     finally:
         feeder.close()
+
+
+@torch.no_grad()
+def encode(module: SCALEXModule, x: sp.csr_matrix, device: torch.device) -> np.ndarray:
+    """``mu`` of the rows of a CSR model-input matrix, in blocks of :data:`ENCODE_BLOCK` (eval mode): the serial
+    path that :func:`encode_chunks` overlaps."""
+    module.eval()
+    out = np.empty((x.shape[0], module.n_latent), dtype=np.float32)
+    for s in range(0, x.shape[0], ENCODE_BLOCK):
+        block = torch.from_numpy(x[s : s + ENCODE_BLOCK].toarray()).to(device)
+        out[s : s + block.shape[0]] = module.embed(block).float().cpu().numpy()
+    return out
