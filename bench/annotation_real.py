@@ -8,8 +8,8 @@ Usage (our venv)::
     python bench/annotation_real.py --groups main --seeds 0  # a subset (groups: main, loto, default, nostop)
     python bench/annotation_real.py --scvi                   # also the scVI peer row (bench/.scvi-venv, see below)
 
-The committed results: ``--groups main,loto,default,nostop --scvi`` (seeds 0,1,2; the default and nostop groups
-seed 0 only), one training process at a time (two at most).
+The committed results: ``--groups main,loto,default,nostop --default-seeds kang_ctrl_to_stim:0,1,2 --scvi`` (seeds
+0,1,2; the default group seed 0 only except Kang, 3 seeds; nostop seed 0 only), one training process at a time (two at most).
 
 For every split: the reference batches are ingested, preprocessed, trained and embedded (``api.ingest``,
 ``api.preprocess``, ``api.fit``, ``api.embed``) in a fresh process with one torch thread; the query batches are then
@@ -560,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", default="", help="comma-separated split ids (prefixes) to restrict to")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--loto-seeds", default=None, help="seeds of the leave-one-type-out group (default: --seeds)")
+    p.add_argument("--default-seeds", default=None,
+                   help="seeds of the default-budget group, per split 'id:seeds' or 'seeds' (default: the first of --seeds)")
     p.add_argument("--iterations", type=int, default=3000)
     p.add_argument("--default-iterations", type=int, default=30000)
     p.add_argument("--workdir", default=str(HERE / "_work" / "annot"))
@@ -576,13 +578,21 @@ def main(argv: list[str] | None = None) -> int:
     groups = set(a.groups.split(","))
     seeds = [int(x) for x in a.seeds.split(",") if x]
     loto_seeds = seeds if a.loto_seeds is None else [int(x) for x in a.loto_seeds.split(",") if x]
+
+    def default_seeds(split_id: str) -> list[int]:
+        for part in (a.default_seeds or "").split(";"):
+            sid, _, sds = part.rpartition(":")
+            if part and sid in ("", split_id):
+                return [int(x) for x in sds.split(",") if x]
+        return seeds[:1]
+
     base = base_splits()
     jobs: list[tuple[Split, int, int]] = []
     if "main" in groups:
         jobs += [(s, sd, a.iterations) for s in base for sd in seeds]
     if "default" in groups:
         jobs += [(Split(**{**asdict(s), "group": "default"}), sd, a.default_iterations) for s in base if s.id in DEFAULT_SCHEDULE
-                 for sd in seeds[:1]]
+                 for sd in default_seeds(s.id)]
     if "loto" in groups:
         jobs += [(s, sd, a.iterations) for s in loto_splits(work, base) for sd in loto_seeds]
     if "nostop" in groups:  # an investigation, not the method's schedule: early stopping off where it fires early

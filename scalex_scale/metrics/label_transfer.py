@@ -81,8 +81,8 @@ Held-out result (``bench/results/amd-epyc-2c/annotation_real.json``, 3 seeds, 3,
 except the two tuning ones is held out): the mean over seeds is within 0.01 of the better plain kNN (k = 5 or 30)
 on ARI and macro-F1 on all 11 labelled splits (per seed, 2 of 33 runs miss by 0.010-0.031); unassigned <= 5% on every
 split except Baron mouse -> human (7.2%, a cross-species latent with kNN ARI 0.31) and Kang ctrl -> stim at the
-method's 30,000 iterations (10.3%, 1 seed: the stimulated CD14 monocytes move to the FCGR3A monocytes; 2.3% at
-3,000). Leave-one-type-out, 31 cases: median 66% of T unassigned at 0.9% of the others (84% over the 16 cases
+method's 30,000 iterations (10.7%, 3 seeds: 10.3 / 20.0 / 1.7%; the stimulated CD14 monocytes leave their ctrl
+cluster as an unmixed island; 2.3% at 3,000). Leave-one-type-out, 31 cases: median 66% of T unassigned at 0.9% of the others (84% over the 16 cases
 that no sibling absorbs; 3% on Baron and OneK1K, whose latents leave most types absorbed).
 
 Limitations: a novel type that its nearest reference type absorbs (a sibling, as close to that type's reference
