@@ -202,7 +202,10 @@ def stage_transfer(a: dict[str, Any]) -> dict[str, Any]:
     from scalex_scale import api
 
     t0 = time.perf_counter()
-    summary = api.transfer(a["store"], a.get("label_key", "celltype"), query_batches=a.get("query_batches"), k=a.get("k", 30))
+    from scalex_scale.metrics.label_transfer import TransferConfig
+
+    config = TransferConfig(k=a["k"]) if a.get("k") else None  # default: k chosen by cross-validation
+    summary = api.transfer(a["store"], a.get("label_key", "celltype"), query_batches=a.get("query_batches"), config=config)
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "cells": summary.n_query, "cells_per_s": summary.n_query / wall, "metrics": summary.metrics}
 

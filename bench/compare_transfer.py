@@ -155,7 +155,7 @@ def transfer_and_dump(store: Path, query_batches: list[str], out: Path):
     from scalex_scale import api
     from scalex_scale.store import Atlas
 
-    summ = api.transfer(store, "celltype", query_batches=query_batches, k=30)
+    summ = api.transfer(store, "celltype", query_batches=query_batches)  # default TransferConfig: k 30
     atlas = Atlas.open(store)
     lat = np.asarray(atlas.root["obsm"]["latent"][:], dtype=np.float32)
     obs = atlas.obs

@@ -215,15 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-duplicates", action="store_true", help="project cells already in the atlas again")
 
     p = sub.add_parser("transfer", help="transfer labels from reference to query cells in the latent space")
-    _atlas(p, "an embedded atlas (obsm['latent'], from embed or project)")
+    p.add_argument("store", help="an embedded atlas (obsm['latent'], from embed or project), or a query store "
+                   "written by project --query-store")
     p.add_argument("--label-key", required=True, help="obs column of the reference's labels (scalex-scale info lists the columns)")
+    p.add_argument("--reference", default=None,
+                   help="a separate reference atlas (same model; default for a --query-store: the atlas it was projected on)")
     p.add_argument("--reference-batches", type=_csv, default=None, metavar="B1,B2",
                    help="batches whose labels are transferred (default: the batches the model was trained on)")
     p.add_argument("--query-batches", type=_csv, default=None, metavar="B1,B2",
                    help="batches that receive labels (default: all other batches)")
-    p.add_argument("--k", type=int, default=30, help="reference neighbours that vote (default: 30)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="confidence (the winning label's share of the vote) below which a cell is 'unassigned' (default: 0.5)")
+    p.add_argument("--method", choices=["scalex", "knn5"], default="scalex",
+                   help="scalex: weighted vote + 'unassigned' for novel cells; knn5: the reference package's rule")
+    p.add_argument("--k", type=int, default=None,
+                   help="neighbours of the vote (scalex; default: 5 or 30, chosen by cross-validation on the reference)")
+    p.add_argument("--min-vote-fraction", type=float, default=0.0,
+                   help="also 'unassigned' when the winning label holds less of the vote (scalex; 0: off)")
+    p.add_argument("--no-novelty", action="store_true", help="no novelty call (scalex)")
+    p.add_argument("--out", default=None, help="write the summary (counts, confusion, unassigned rates) as JSON here")
 
     p = sub.add_parser("evaluate", help="integration metrics (and plots with --out)")
     _atlas(p, "an embedded atlas (obsm['latent'], from embed or project)")
@@ -316,11 +324,16 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         print(report.summary())
     elif cmd == "transfer":
+        from .metrics.label_transfer import TransferConfig
+
+        config = TransferConfig(k=args.k, min_vote_fraction=args.min_vote_fraction, novelty=not args.no_novelty)
         summary = api.transfer(
-            args.store, args.label_key, reference_batches=args.reference_batches, query_batches=args.query_batches,
-            k=args.k, threshold=args.threshold, lock_timeout=wait,
+            args.store, args.label_key, reference=args.reference, reference_batches=args.reference_batches,
+            query_batches=args.query_batches, method=args.method, config=config, lock_timeout=wait,
         )  # fmt: skip
         print(summary.summary())
+        if args.out:
+            print(f"  summary written to {summary.write_json(args.out)}")
     elif cmd == "evaluate":
         result = api.evaluate(args.store, label_key=args.label_key, out=args.out, umap=not args.no_umap, seed=args.seed)
         print(result.table())

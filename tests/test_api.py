@@ -9,6 +9,7 @@ import pytest
 from scalex_scale import api
 from scalex_scale.cli import main
 from scalex_scale.errors import ScalexError
+from scalex_scale.metrics.label_transfer import TransferConfig
 from scalex_scale.store import Atlas
 from scalex_scale.synthetic import SyntheticConfig, make_synthetic
 from scalex_scale.train import TrainConfig
@@ -147,7 +148,7 @@ def test_transfer_and_evaluate(trained, tmp_path):
     shutil.copytree(out.atlas, atlas)
     api.project(atlas, out.model_dir, [query], batch_key="batch", device="cpu")
     qname = str(query.obs["batch"].iloc[0])
-    summary = api.transfer(atlas, "celltype", k=10)
+    summary = api.transfer(atlas, "celltype", config=TransferConfig(k=10))
     a = ad.read_zarr(atlas)
     is_q = (a.obs["batch"] == qname).to_numpy() & a.obs["scalex_qc_pass"].to_numpy(bool)
     assert summary.n_query == is_q.sum() and set(summary.metrics) >= {"ARI", "NMI", "f1_macro"}
@@ -187,6 +188,13 @@ def test_cli_fit_distributed_under_torchrun(synthetic, tmp_path):
     assert api.embed(store, tmp_path / "m", device="cpu") > 0
 
 
+def test_cli_train_options_reach_the_config():
+    from scalex_scale.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["fit", "a.zarr", "model", "--patience", "50", "--max-iterations", "7"])
+    cfg = _train_config(args)
+    assert cfg.patience == 50 and cfg.max_iterations == 7
+    assert _train_config(build_parser().parse_args(["fit", "a.zarr", "model"])).patience == TrainConfig().patience
 def test_project_is_one_transaction_and_refuses_duplicates(trained, tmp_path):
     import shutil
 
