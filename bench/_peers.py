@@ -45,14 +45,26 @@ def availability(tool: str, python: Path = PEER_PY) -> str | None:
     return None
 
 
-def command(tool: str, h5ad: Path, outdir: Path, args: Any) -> list[str]:
+OUR_BATCH = 64  # the method's mini-batch (TrainConfig.batch_size)
+
+
+def scvi_epochs(setting: str | int, n_obs: int, our_iterations: int) -> int:
+    """``--scvi-max-epochs``: 0 (scVI's default), N, or ``match``: scVI sees as many cells as our fit
+    (iterations x 64) over its training split (90% of the cells, scvi-tools' default), at least one epoch."""
+    if str(setting) == "match":
+        return max(1, round(our_iterations * OUR_BATCH / (0.9 * n_obs)))
+    return int(setting)
+
+
+def command(tool: str, n: int, h5ad: Path, outdir: Path, args: Any) -> list[str]:
     """The runner's command line for one run (settings from run_scaling's arguments)."""
     cmd = [str(PEER_PY), str(REPO / "bench" / "peer_runner.py"), tool, "--input", str(h5ad), "--outdir", str(outdir),
            "--min-features", str(args.min_features), "--seed", str(args.seed), "--label-key", "celltype"]  # fmt: skip
     if tool == "scvi":
         cmd += ["--accelerator", {"cpu": "cpu", "cuda": "gpu"}.get(args.device, "auto")]
-        if args.scvi_max_epochs:
-            cmd += ["--max-epochs", str(args.scvi_max_epochs)]
+        epochs = scvi_epochs(args.scvi_max_epochs, n, args.max_iterations)
+        if epochs:
+            cmd += ["--max-epochs", str(epochs)]
     else:
         if args.harmony_scale:
             cmd.append("--scale")
@@ -85,7 +97,7 @@ def _finished_stages(outdir: Path) -> tuple[list[dict], str | None]:
 
 
 STAGE_KEYS = ("wall_s", "cpu_s", "peak_rss_mb", "n_obs", "n_features", "epochs", "n_pcs", "iterations", "n_clusters",
-              "dim", "scaled", "elbo_train_last", "torch_threads")  # fmt: skip
+              "dim", "scaled", "elbo_train_last", "torch_threads", "default_epochs")  # fmt: skip
 SETTING_KEYS = {"scvi": ("n_latent", "max_epochs", "accelerator"), "harmony": ("n_pcs", "scale", "max_iter_harmony")}
 
 
@@ -95,7 +107,7 @@ def run_peer(tool: str, n: int, h5ad: Path, work: Path, args: Any, budget_s: flo
     outdir = work / f"{tool}_{n}"
     shutil.rmtree(outdir, ignore_errors=True)
     start = time.perf_counter()
-    status, err, tree_peak = run_with_budget(command(tool, h5ad, outdir, args), work / f"{tool}_{n}.log", budget_s, budget_mb)
+    status, err, tree_peak = run_with_budget(command(tool, n, h5ad, outdir, args), work / f"{tool}_{n}.log", budget_s, budget_mb)
     wall = time.perf_counter() - start
     base = {"tool": tool, "n_cells": n}
     report = outdir / "run.json"

@@ -65,7 +65,21 @@ def pipeline(rows: list[dict], tool: str, n: int) -> dict[str, Any] | None:
     if t is None:
         return None
     out = {k: t.get(k) for k in ("status", "wall_s", "peak_rss_mb", "peak_rss_mb_observed", "failed_in_stage", "error")}
+    out.update(_capped_schedule(st))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _capped_schedule(st: dict[str, dict]) -> dict[str, Any]:
+    """A peer trained for fewer epochs than its default (``--scvi-max-epochs``, to fit a session): the epochs run,
+    the default, and the pipeline's time with the default schedule, projected from the measured time per epoch
+    (``default_schedule_wall_s``: total + train * (default / run - 1); labelled as a projection wherever shown)."""
+    train, total = st.get("train", {}), st.get("total", {})
+    run, default = train.get("epochs"), train.get("default_epochs")
+    if total.get("status") != "ok" or not run or not default or run >= default or not train.get("wall_s"):
+        return {}
+    extra = train["wall_s"] * (default / run - 1)
+    return {"epochs": run, "default_epochs": default, "train_s_per_epoch": train["wall_s"] / run,
+            "default_schedule_wall_s": total["wall_s"] + extra}
 
 
 def curves(rows: list[dict]) -> list[dict]:
@@ -113,6 +127,10 @@ def summarize(rows: list[dict]) -> list[dict]:
                     row[t_key] = o["wall_s"] / mine["wall_s"]
                     if o.get("peak_rss_mb"):
                         row[m_key] = o["peak_rss_mb"] / mine["peak_rss_mb"]
+                    if o.get("default_schedule_wall_s"):
+                        row[f"{other}_epochs"], row[f"{other}_default_epochs"] = o["epochs"], o["default_epochs"]
+                        row[f"{other}_default_schedule_wall_s_projected"] = o["default_schedule_wall_s"]
+                        row[f"{other}_default_schedule_time_ratio_projected"] = o["default_schedule_wall_s"] / mine["wall_s"]
                 elif o.get("peak_rss_mb_observed"):
                     row[f"{other}_peak_rss_mb_observed"] = o["peak_rss_mb_observed"]
             out.append(row)
@@ -172,6 +190,10 @@ def _cell(c: dict | None, base: dict | None) -> str:
     text = f"{c['wall_s']:,.0f} s, {c['peak_rss_mb'] / 1024:.2f} GB"
     if base is not None and base is not c and base.get("status") == "ok":
         text += f" ({c['wall_s'] / base['wall_s']:.1f}x, {c['peak_rss_mb'] / base['peak_rss_mb']:.1f}x)"
+    if c.get("default_schedule_wall_s"):
+        proj = c["default_schedule_wall_s"]
+        ratio = f", {proj / base['wall_s']:.1f}x" if base is not None and base.get("status") == "ok" else ""
+        text += f"; {c['epochs']} of {c['default_epochs']} epochs: default schedule ~{proj:,.0f} s{ratio} (projected)"
     return text
 
 
@@ -256,6 +278,11 @@ def plot(out: Path, rows: list[dict], summary: list[dict]) -> list[str]:
                 pts = sorted((c["n_cells"], c[metric]) for c in cv if c["tool"] == tool and c["status"] == "ok")
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", color=color, linewidth=2, label=tool)
+                proj = sorted((c["n_cells"], c["default_schedule_wall_s"]) for c in cv
+                              if c["tool"] == tool and metric == "wall_s" and c.get("default_schedule_wall_s"))  # fmt: skip
+                if proj:
+                    ax.plot(*zip(*proj, strict=True), marker="o", color=color, linestyle=":", fillstyle="none",
+                            label=f"{tool}: default epochs (projected from s/epoch)")  # fmt: skip
                 for c in cv:
                     y = c.get("peak_rss_mb_observed") if metric == "peak_rss_mb" else c.get("wall_s")
                     if c["tool"] == tool and c["status"] not in ("ok", "skipped_after_budget", "tool_unavailable") and y:

@@ -289,7 +289,7 @@ def run_scvi(a: argparse.Namespace, timer: StageTimer, info: dict[str, Any], out
         model.train(**kw)
         hist = model.history.get("elbo_train")
         rec.update(epochs=int(len(hist)) if hist is not None else None,
-                   max_epochs_arg=a.max_epochs, batch_size=128,
+                   max_epochs_arg=a.max_epochs, batch_size=128, default_epochs=default_epochs(adata.n_obs),
                    elbo_train_last=float(hist.iloc[-1, 0]) if hist is not None and len(hist) else None,
                    torch_threads=torch.get_num_threads())  # fmt: skip
     with timer.stage("embed") as rec:
@@ -298,6 +298,16 @@ def run_scvi(a: argparse.Namespace, timer: StageTimer, info: dict[str, Any], out
         rec.update(n_cells=int(latent.shape[0]), dim=int(latent.shape[1]))
     info["model"] = {"class": "scvi.model.SCVI", "n_latent": a.n_latent, "module": str(model.module.__class__.__name__),
                      "n_params": int(sum(p.numel() for p in model.module.parameters())), "train_kwargs": kw}
+
+
+def default_epochs(n_obs: int) -> int:
+    """The epochs scVI's ``train()`` runs when not told (its heuristic: 400 up to 20,000 cells, then 400 * 20,000 / n,
+    at least 1), so that a run capped with ``--max-epochs`` can say what its default schedule would have cost."""
+    try:
+        from scvi.model._utils import get_max_epochs_heuristic  # private, but it is the rule train() applies
+    except ImportError:
+        return max(1, min(400, round(20_000 / n_obs * 400)))
+    return int(get_max_epochs_heuristic(n_obs))
 
 
 def run_harmony(a: argparse.Namespace, timer: StageTimer, info: dict[str, Any], outdir: Path) -> None:

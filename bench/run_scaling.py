@@ -258,7 +258,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                    help="memory budget of one reference run (its process tree's RSS), killed above it")
     p.add_argument("--peer-time-budget", default="14400", help="time budget (s) of one peer run: N, or scvi=N,harmony=M")
     p.add_argument("--peer-memory-gb", default="20", help="memory budget (GB, process tree RSS) of one peer run: N, or scvi=N,harmony=M")
-    p.add_argument("--scvi-max-epochs", type=int, default=0, help="scVI epochs (0: scvi-tools' default; set only for smoke runs)")
+    p.add_argument("--scvi-max-epochs", default="0",
+                   help="scVI epochs: 0 (scvi-tools' default heuristic), N, or 'match' (as many cells seen as our fit's "
+                        "--max-iterations x 64, on scVI's 90%% training split; the default schedule's time is then "
+                        "projected from the measured time per epoch and labelled so)")  # fmt: skip
     p.add_argument("--harmony-max-iter", type=int, default=0, help="Harmony iterations (0: harmonypy's default, 10)")
     p.add_argument("--harmony-scale", action="store_true", help="scanpy pp.scale before Harmony's PCA (densifies)")
     p.add_argument("--ingest-from", choices=["synthetic", "h5ad"], default="synthetic",

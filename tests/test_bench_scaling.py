@@ -126,6 +126,31 @@ def test_pipeline_summary_and_ratios():
     assert "(2.0x, 3.0x)" in md and "memory_budget_exceeded in preprocess (20.1 GB seen)" in md
 
 
+def test_capped_scvi_schedule_is_projected_and_labelled():
+    """scVI trained for 2 of its default 8 epochs: the default schedule's time is the measured total plus the
+    measured time per epoch for the 6 epochs not run, and the table says it is a projection."""
+    wall = {"ingest_h5ad": 4.0, "preprocess": 5.0, "fit": 100.0, "embed": 5.0}
+    rows = _ours("scalex-scale", 1000, wall, dict.fromkeys(wall, 500.0), source="h5ad")
+    rows += [{"tool": "scvi", "n_cells": 1000, "stage": "train", "status": "ok", "wall_s": 60.0, "epochs": 2, "default_epochs": 8},
+             {"tool": "scvi", "n_cells": 1000, "stage": "total", "status": "ok", "wall_s": 100.0, "peak_rss_mb": 900.0}]  # fmt: skip
+    p = report.pipeline(rows, "scvi", 1000)
+    assert p["wall_s"] == 100 and p["train_s_per_epoch"] == 30 and p["default_schedule_wall_s"] == 100 + 6 * 30
+    (s,) = report.summarize(rows)
+    assert s["scvi_time_ratio"] == pytest.approx(100 / 114)
+    assert s["scvi_default_schedule_time_ratio_projected"] == pytest.approx(280 / 114)
+    assert "2 of 8 epochs: default schedule ~280 s, 2.5x (projected)" in report.markdown(rows, [], {})
+    rows[-2]["epochs"] = 8  # the default run: nothing to project
+    assert "default_schedule_wall_s" not in report.pipeline(rows, "scvi", 1000)
+
+
+def test_scvi_epochs_match_our_cells_seen():
+    from _peers import scvi_epochs
+
+    assert scvi_epochs("0", 10_000, 30_000) == 0 and scvi_epochs(5, 10_000, 30_000) == 5
+    assert scvi_epochs("match", 10_000, 30_000) == 213  # 1.92M cells seen / 9,000 training cells
+    assert scvi_epochs("match", 1_000_000, 30_000) == 2 and scvi_epochs("match", 10**8, 30_000) == 1
+
+
 def test_scale_checks_flag_growth():
     stages = ("ingest", "preprocess", "fit", "embed")
     base = _ours("scalex-scale", 1_000_000, dict.fromkeys(stages, 100.0), dict.fromkeys(stages, 1000.0), disk=4e9)

@@ -92,9 +92,15 @@ class PermutedWriter:
     rng
         Source of the permutation (recorded by the caller as a seed).
     bucket_values
-        Stored values per bucket held in memory at once (default 2**23: ~150 MB peak while shuffling).
+        Stored values per bucket held in memory at once (default 2**23: ~150 MB peak while shuffling). Raised
+        where the buckets would need more open files than the process may hold (see :func:`max_open_buckets`).
     n_features
         Width of the matrix (chooses uint16 or int32 feature indices).
+
+    Each bucket is one spill file of records (one per :meth:`add` that gave the bucket rows): a header
+    ``[rows, values]`` (int64) then the rows' lengths, atlas rows and batch codes and the values' feature indices
+    and data. :meth:`add` costs O(values) whatever the number of buckets (rows are grouped by bucket with one
+    stable sort), so the whole write stays linear in the number of cells.
     """
 
     def __init__(
@@ -107,14 +113,12 @@ class PermutedWriter:
         bucket_values: int = 1 << 23,
     ) -> None:
         self.dir = Path(spill_dir)
-        self.dir.mkdir(parents=True, exist_ok=False)
-        self.n_buckets = max(1, math.ceil(expected_values / bucket_values))
+        self.n_buckets = n_buckets(expected_values, bucket_values, max_open_buckets())
         self.rng = rng
         self.n_features = int(n_features)
         self.dtypes = {**_FIELDS, "indices": index_dtype(n_features)}
-        self._files = {
-            (b, f): open(self.dir / f"{b}.{f}", "wb") for b in range(self.n_buckets) for f in self.dtypes
-        }
+        self.dir.mkdir(parents=True, exist_ok=False)
+        self._files = [open(self.dir / f"{b}.spill", "wb") for b in range(self.n_buckets)]
         self.n_rows = 0
 
     def add(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, cells: np.ndarray, batch: np.ndarray) -> None:
@@ -124,23 +128,41 @@ class PermutedWriter:
             return
         point("spill.write", str(self.dir))
         bucket = self.rng.integers(0, self.n_buckets, size=n)
-        lengths = np.diff(indptr).astype(np.int32)
-        value_bucket = np.repeat(bucket, lengths)
+        order = np.argsort(bucket, kind="stable")  # rows keep their order within a bucket
+        lengths = np.diff(indptr).astype(np.int64)[order]
+        gather = _gather_index(np.asarray(indptr[:-1], np.int64)[order], lengths)
+        row_end = np.cumsum(np.bincount(bucket, minlength=self.n_buckets))
+        value_end = np.concatenate([[0], np.cumsum(lengths)])[row_end]
+        pieces = {"lengths": lengths, "cells": cells[order], "batch": batch[order],
+                  "indices": indices[gather], "data": data[gather]}  # fmt: skip
+        pieces = {f: np.ascontiguousarray(a, dtype=self.dtypes[f]) for f, a in pieces.items()}
+        r0 = v0 = 0
         for b in range(self.n_buckets):
-            rows = bucket == b
-            if not rows.any():
-                continue
-            vals = value_bucket == b
-            pieces = {
-                "data": data[vals],
-                "indices": indices[vals],
-                "lengths": lengths[rows],
-                "cells": cells[rows],
-                "batch": batch[rows],
-            }
-            for f, arr in pieces.items():
-                self._files[(b, f)].write(np.ascontiguousarray(arr, dtype=self.dtypes[f]).tobytes())
+            r1, v1 = int(row_end[b]), int(value_end[b])
+            if r1 > r0:
+                fh = self._files[b]
+                fh.write(np.asarray([r1 - r0, v1 - v0], np.int64).tobytes())
+                for f in _ROW_FIELDS:
+                    fh.write(pieces[f][r0:r1].tobytes())
+                for f in _VALUE_FIELDS:
+                    fh.write(pieces[f][v0:v1].tobytes())
+            r0, v0 = r1, v1
         self.n_rows += n
+
+    def _load(self, b: int) -> dict[str, np.ndarray]:
+        """Bucket ``b``'s records, each field concatenated in the order the rows were added."""
+        raw = np.fromfile(self.dir / f"{b}.spill", dtype=np.uint8)
+        parts: dict[str, list[np.ndarray]] = {f: [] for f in self.dtypes}
+        pos = 0
+        while pos < raw.shape[0]:
+            rows, values = (int(v) for v in raw[pos : pos + 16].view(np.int64))
+            pos += 16
+            for f in _ROW_FIELDS + _VALUE_FIELDS:
+                dt = np.dtype(self.dtypes[f])
+                count = rows if f in _ROW_FIELDS else values
+                parts[f].append(raw[pos : pos + count * dt.itemsize].view(dt))
+                pos += count * dt.itemsize
+        return {f: np.concatenate(p) if p else np.zeros(0, self.dtypes[f]) for f, p in parts.items()}
 
     def finish(self, atlas: Any, identity: dict[str, Any]) -> str:
         """Write the shuffled rows as ``uns/scalex_scale/train`` of a writable atlas (replacing any earlier one).
@@ -150,7 +172,7 @@ class PermutedWriter:
         """
         from .atlas import STATE_GROUP
 
-        for fh in self._files.values():
+        for fh in self._files:
             fh.close()
         parent = atlas.root[STATE_GROUP]
         if GROUP in parent:
@@ -169,7 +191,7 @@ class PermutedWriter:
         offset = 0
         digest = hashlib.blake2b(digest_size=8)
         for b in range(self.n_buckets):
-            load = {f: np.fromfile(self.dir / f"{b}.{f}", dtype=dt) for f, dt in self.dtypes.items()}
+            load = self._load(b)
             n = load["cells"].shape[0]
             if n == 0:
                 continue
@@ -184,6 +206,7 @@ class PermutedWriter:
             out["batch"].append(load["batch"][order])
             digest.update(load["cells"][order].tobytes())
             offset += int(lengths.sum())
+            del load
         for app in out.values():
             app.flush()
         digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
@@ -194,9 +217,41 @@ class PermutedWriter:
         return train_id
 
     def abort(self) -> None:
-        for fh in self._files.values():
+        for fh in self._files:
             fh.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_ROW_FIELDS = ("lengths", "cells", "batch")
+_VALUE_FIELDS = ("indices", "data")
+
+#: Open files kept free for everything else the process holds (the store's own chunk files, sockets, logs).
+FD_RESERVE = 256
+
+
+def max_open_buckets() -> int:
+    """Spill files the writer may hold open at once: the soft open-file limit, raised to the hard limit where
+    allowed, less :data:`FD_RESERVE` (at least 16)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft < hard:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+            except (ValueError, OSError):
+                pass
+        limit = soft if soft != resource.RLIM_INFINITY else 1 << 16
+    except ImportError:  # not POSIX
+        limit = 512
+    return max(16, int(limit) - FD_RESERVE)
+
+
+def n_buckets(expected_values: int, bucket_values: int, max_buckets: int) -> int:
+    """Buckets of at most ``bucket_values`` values each, unless that needs more than ``max_buckets`` open files:
+    then ``max_buckets`` larger buckets (memory per bucket grows rather than the write failing)."""
+    return max(1, min(math.ceil(expected_values / bucket_values), max_buckets))
 
 
 def _gather_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
