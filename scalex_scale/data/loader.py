@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import queue
 import threading
 import weakref
 from collections import deque
@@ -53,6 +52,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from scalex_scale._threads import Failure, Handoff
 
 from .batch import CSRBatch, _Lease, pack_layout
 from .config import LoaderConfig
@@ -66,8 +67,6 @@ __all__ = ["EpochIterator", "InMemorySource", "LoaderConfig", "TrainingLoader", 
 
 _QUEUE_BATCHES = 16
 """Assembled batches waiting for the consumer (small: buffers, not batches, hold the read-ahead)."""
-
-_POLL_S = 0.05
 
 
 # ---------------------------------------------------------------------- sources
@@ -311,11 +310,6 @@ class _End:
 _END = _End()
 
 
-@dataclass(frozen=True)
-class _Failure:
-    exc: BaseException
-
-
 class _Pipeline:
     """Background read + assembly of batches (one epoch's plan, or several chained) into a bounded queue.
 
@@ -335,8 +329,7 @@ class _Pipeline:
         self._config = config
         self._ring = ring
         self._flat = flat_dtype(config.batch_size, int(source.n_features))
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=_QUEUE_BATCHES)
-        self._stop = threading.Event()
+        self._handoff = Handoff(_QUEUE_BATCHES)
         self._lock = threading.Lock()
         self._closed = False
         self._waiting = False
@@ -358,7 +351,7 @@ class _Pipeline:
         if isinstance(item, CSRBatch):
             return item
         self.close()
-        if isinstance(item, _Failure):
+        if isinstance(item, Failure):
             raise item.exc
         return None
 
@@ -366,15 +359,7 @@ class _Pipeline:
         assert self._thread is not None
         self._waiting = True
         try:
-            while True:
-                try:
-                    return self._queue.get(timeout=_POLL_S)
-                except queue.Empty:
-                    if not self._thread.is_alive():
-                        try:
-                            return self._queue.get_nowait()
-                        except queue.Empty:
-                            return _Failure(RuntimeError("the loader thread stopped without a result"))
+            return self._handoff.get(self._thread, "the loader thread")
         finally:
             self._waiting = False
 
@@ -384,25 +369,15 @@ class _Pipeline:
             if self._closed:
                 return
             self._closed = True
-        self._stop.set()
+        self._handoff.stop()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        self._handoff.drain()
 
     # -- background side
-    def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def _starved(self) -> bool:
-        return self._waiting and self._queue.empty()
+        return self._waiting and self._handoff.empty()
 
     def _submit(self, pool: ThreadPoolExecutor, window: deque[Future[list[tuple[_CSR, bool]]]]) -> None:
         while len(window) < self._config.prefetch:
@@ -415,7 +390,7 @@ class _Pipeline:
         ring = self._ring
         if ring is None:
             return _plain_batch(piece, n_features)
-        got = ring.acquire(_packed_bytes(piece), stop=self._stop, consumer_starved=self._starved)
+        got = ring.acquire(_packed_bytes(piece), stop=self._handoff.stop_event, consumer_starved=self._starved)
         if got is None:
             return None
         return _packed_batch(piece, n_features, got[0], got[1], ring)
@@ -427,7 +402,7 @@ class _Pipeline:
         try:
             self._submit(pool, window)
             pending: list[_CSR] = []
-            while window and not self._stop.is_set():
+            while window and not self._handoff.stopped:
                 segments = window.popleft().result()
                 self._submit(pool, window)
                 if self._ring is not None and self._ring.allocated_bytes == 0 and segments:
@@ -442,13 +417,13 @@ class _Pipeline:
                     joined = pending[0] if len(pending) == 1 else _concat(pending, n_features)
                     pending = []
                     batch = self._batch(joined, n_features)
-                    if batch is None or not self._put(batch):
+                    if batch is None or not self._handoff.put(batch):
                         return
-            if pending and not self._stop.is_set():
+            if pending and not self._handoff.stopped:
                 raise RuntimeError("the load plan ended inside a mini-batch")
-            self._put(_END)
+            self._handoff.put(_END)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
-            self._put(_Failure(exc))
+            self._handoff.put(Failure(exc))
         finally:
             for future in window:
                 future.cancel()

@@ -20,7 +20,6 @@ identical to it.
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -32,14 +31,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from scalex_scale._threads import Failure, Handoff
 from scalex_scale.nn.vae import SCALEXModule
 
 #: Cells densified and encoded at once.
 ENCODE_BLOCK = 4096
 
 __all__ = ["encode_chunks"]
-
-_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -50,11 +48,6 @@ class _Block:
     stop: int
     n_rows: int  # rows of the whole chunk
     dense: Future[Any]
-
-
-@dataclass(frozen=True)
-class _Failure:
-    exc: BaseException
 
 
 _END = object()
@@ -79,21 +72,12 @@ class _Feeder:
         self._block = block
         self._pinned = pinned
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scalex-embed-densify")
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_blocks)
-        self._stop = threading.Event()
+        self._handoff = Handoff(queue_blocks)
         self._thread = threading.Thread(target=self._run, name="scalex-embed-feed", daemon=True)
         self._thread.start()
 
-    def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def _run(self) -> None:
+        put = self._handoff.put
         try:
             for index, (key, x) in enumerate(self._chunks):
                 x = sp.csr_matrix(x)
@@ -102,28 +86,19 @@ class _Feeder:
                 for s in starts:
                     e = min(s + self._block, n)
                     future = self._pool.submit(_densify, x, s, e, self._pinned)
-                    if not self._put(_Block(index, key, s, e, n, future)):
+                    if not put(_Block(index, key, s, e, n, future)):
                         return
-            self._put(_END)
+            put(_END)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            self._put(_Failure(exc))
+            put(Failure(exc))
 
     def get(self) -> object:
-        while True:
-            try:
-                return self._queue.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    try:
-                        return self._queue.get_nowait()
-                    except queue.Empty:
-                        return _Failure(RuntimeError("the embedding feeder stopped without a result"))
+        return self._handoff.get(self._thread, "the embedding feeder")
 
     def close(self) -> None:
-        self._stop.set()
+        self._handoff.stop()
         self._thread.join()
-        while not self._queue.empty():
-            self._queue.get_nowait()
+        self._handoff.drain()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -186,7 +161,7 @@ def encode_chunks(
             item = feeder.get()
             if item is _END:
                 break
-            if isinstance(item, _Failure):
+            if isinstance(item, Failure):
                 raise item.exc
             assert isinstance(item, _Block)
             host = item.dense.result()
