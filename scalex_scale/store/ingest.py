@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._options import field_names, split_shortcuts
 from ._zarr_io import Appender
 from .atlas import Atlas
 from .errors import DuplicateError, InputError
@@ -250,12 +251,9 @@ def ingest(
     **fields
         Shortcuts for single fields of ``options`` or ``soma`` (``batch_key="donor"``, ``measurement="RNA"``).
     """
-    option_fields = {f.name for f in dataclasses.fields(AppendOptions)} - {"record"}
-    unknown = sorted(set(fields) - option_fields - set(SOMA_OPTIONS))
-    if unknown:
-        raise TypeError(f"ingest() got unexpected options {unknown}")
-    options = dataclasses.replace(options or AppendOptions(), **{k: v for k, v in fields.items() if k in option_fields})
-    soma = {**(soma or {}), **{k: fields[k] for k in SOMA_OPTIONS if fields.get(k) is not None}}
+    option_fields, soma_fields = split_shortcuts("ingest", fields, field_names(AppendOptions, exclude={"record"}), SOMA_OPTIONS)
+    options = dataclasses.replace(options or AppendOptions(), **option_fields)
+    soma = {**(soma or {}), **{k: v for k, v in soma_fields.items() if v is not None}}
     if options.profile not in ("RNA", "ATAC"):
         raise InputError(f"unknown profile {options.profile!r} (expected 'RNA' or 'ATAC')")
     if options.join not in ("inner", "outer"):

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .._fs import sibling
+from .._options import field_names, split_shortcuts
 from ..errors import PreprocessError
 from ..preprocessing.passes import preprocess_chunks
 from ..preprocessing.runner import RANGE_VALUES, ComputeOptions, DaskRunner
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["preprocess"]
 
-_CONFIG_FIELDS = {f.name for f in dataclasses.fields(PreprocessConfig)}
-_COMPUTE_FIELDS = {f.name for f in dataclasses.fields(ComputeOptions)}
+_CONFIG_FIELDS = field_names(PreprocessConfig)
+_COMPUTE_FIELDS = field_names(ComputeOptions)
 
 
 def preprocess(
@@ -70,11 +71,9 @@ def preprocess(
     PreprocessState
         Also stored in the atlas (``uns/scalex_scale/state``), with ``n_train`` and ``permutation_seed``.
     """
-    unknown = sorted(set(options) - _CONFIG_FIELDS - _COMPUTE_FIELDS)
-    if unknown:
-        raise TypeError(f"preprocess() got unexpected options {unknown}")
-    compute = dataclasses.replace(compute or ComputeOptions(), **{k: v for k, v in options.items() if k in _COMPUTE_FIELDS})
-    fields = {k: v for k, v in options.items() if k in _CONFIG_FIELDS and v is not None}
+    fields, compute_fields = split_shortcuts("preprocess", options, _CONFIG_FIELDS, _COMPUTE_FIELDS)
+    compute = dataclasses.replace(compute or ComputeOptions(), **compute_fields)
+    fields = {k: v for k, v in fields.items() if v is not None}
     t0 = time.perf_counter()
     with transaction(store, "preprocess", lock_timeout=lock_timeout) as txn:
         if txn.is_new:
