@@ -12,7 +12,8 @@ Layout (a group of anndata "array" elements, so ``read_lazy`` keeps them lazy)::
 Rows are written in a uniformly random order, out-of-core, by a two-level shuffle: every row goes to one of
 ``n_buckets`` spill files chosen uniformly at random; each bucket is then loaded alone, shuffled in memory, and
 appended. With independent uniform bucket choices the result is a uniformly random permutation, and memory is
-bounded by one bucket (``bucket_values`` stored values).
+bounded by the writer's pending buffer (``flush_values`` stored values, written out per bucket in one record
+each) and then by one bucket (``bucket_values`` stored values).
 """
 
 from __future__ import annotations
@@ -96,11 +97,19 @@ class PermutedWriter:
         where the buckets would need more open files than the process may hold (see :func:`max_open_buckets`).
     n_features
         Width of the matrix (chooses uint16 or int32 feature indices).
+    flush_values
+        Stored values held in the pending buffer before it is written out (default 2**22: ~20 MB of pending
+        fields with uint16 indices, ~30 MB with int32 ones, and about twice that while one flush regroups them).
+        Any value gives the same matrix; smaller ones give more, shorter spill records.
 
-    Each bucket is one spill file of records (one per :meth:`add` that gave the bucket rows): a header
-    ``[rows, values]`` (int64) then the rows' lengths, atlas rows and batch codes and the values' feature indices
-    and data. :meth:`add` costs O(values) whatever the number of buckets (rows are grouped by bucket with one
-    stable sort), so the whole write stays linear in the number of cells.
+    :meth:`add` only draws each row's bucket and appends the rows to a pending buffer; once ``flush_values``
+    values are pending (and at :meth:`finish`) they are written out, grouped by bucket with one stable sort, as
+    one record per non-empty bucket. Each bucket is one spill file of such records (at most one per flush): a
+    header ``[rows, values]`` (int64) then the rows' lengths, atlas rows and batch codes and the values' feature
+    indices and data. Rows keep the order they were added in within a bucket, so the result does not depend on
+    ``flush_values`` or on how the rows were fed, and the number of writes grows with the flushes, not with
+    (chunks x buckets): the whole write stays linear in the number of cells. Memory: the pending buffer, then one
+    bucket at a time while shuffling.
     """
 
     def __init__(
@@ -111,43 +120,74 @@ class PermutedWriter:
         *,
         n_features: int,
         bucket_values: int = 1 << 23,
+        flush_values: int = 1 << 22,
     ) -> None:
+        if flush_values < 1:
+            raise ValueError(f"flush_values must be at least 1, got {flush_values}")
         self.dir = Path(spill_dir)
         self.n_buckets = n_buckets(expected_values, bucket_values, max_open_buckets())
         self.rng = rng
         self.n_features = int(n_features)
+        self.flush_values = int(flush_values)
         self.dtypes = {**_FIELDS, "indices": index_dtype(n_features)}
+        self._bucket_dtype = np.uint16 if self.n_buckets <= 1 << 16 else np.int32
         self.dir.mkdir(parents=True, exist_ok=False)
         self._files = [open(self.dir / f"{b}.spill", "wb") for b in range(self.n_buckets)]
+        self._pending: dict[str, list[np.ndarray]] = {f: [] for f in (*_ROW_FIELDS, *_VALUE_FIELDS, "bucket")}
+        self._pending_values = 0
         self.n_rows = 0
+        self.n_flushes = 0  #: flushes that wrote rows (each writes at most one record per bucket)
 
-    def add(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, cells: np.ndarray, batch: np.ndarray) -> None:
-        """Add rows (CSR pieces with ``indptr`` starting at 0) with their atlas row and batch code."""
+    def add(
+        self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, cells: np.ndarray, batch: np.ndarray
+    ) -> None:
+        """Add rows (CSR pieces with ``indptr`` starting at 0) with their atlas row and batch code.
+
+        The pieces are copied: the caller may reuse its arrays.
+        """
         n = cells.shape[0]
         if n == 0:
             return
-        point("spill.write", str(self.dir))
         bucket = self.rng.integers(0, self.n_buckets, size=n)
-        order = np.argsort(bucket, kind="stable")  # rows keep their order within a bucket
-        lengths = np.diff(indptr).astype(np.int64)[order]
-        gather = _gather_index(np.asarray(indptr[:-1], np.int64)[order], lengths)
-        row_end = np.cumsum(np.bincount(bucket, minlength=self.n_buckets))
-        value_end = np.concatenate([[0], np.cumsum(lengths)])[row_end]
-        pieces = {"lengths": lengths, "cells": cells[order], "batch": batch[order],
-                  "indices": indices[gather], "data": data[gather]}  # fmt: skip
-        pieces = {f: np.ascontiguousarray(a, dtype=self.dtypes[f]) for f, a in pieces.items()}
-        r0 = v0 = 0
-        for b in range(self.n_buckets):
-            r1, v1 = int(row_end[b]), int(value_end[b])
-            if r1 > r0:
-                fh = self._files[b]
-                fh.write(np.asarray([r1 - r0, v1 - v0], np.int64).tobytes())
-                for f in _ROW_FIELDS:
-                    fh.write(pieces[f][r0:r1].tobytes())
-                for f in _VALUE_FIELDS:
-                    fh.write(pieces[f][v0:v1].tobytes())
-            r0, v0 = r1, v1
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        pieces = {"lengths": np.diff(indptr), "cells": cells, "batch": batch, "bucket": bucket,
+                  "indices": indices[lo:hi], "data": data[lo:hi]}  # fmt: skip
+        dtypes = {**self.dtypes, "bucket": self._bucket_dtype}
+        for f, a in pieces.items():
+            self._pending[f].append(np.array(a, dtype=dtypes[f]))  # a copy
+        self._pending_values += hi - lo
         self.n_rows += n
+        if self._pending_values >= self.flush_values:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the pending rows: one record per non-empty bucket, rows in the order they were added."""
+        if not self._pending["bucket"]:
+            return
+        pending = {f: np.concatenate(p) for f, p in self._pending.items()}
+        self._pending = {f: [] for f in self._pending}
+        self._pending_values = 0
+        point("spill.write", str(self.dir))
+        bucket = pending.pop("bucket")
+        order = np.argsort(bucket, kind="stable")  # rows keep their order within a bucket
+        counts = np.bincount(bucket, minlength=self.n_buckets)
+        del bucket
+        lengths = pending["lengths"].astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        gather = _gather_index(starts[order], lengths[order])
+        del starts, lengths
+        out = {f: pending[f][order] for f in _ROW_FIELDS}
+        out.update({f: pending[f][gather] for f in _VALUE_FIELDS})
+        del pending, order, gather
+        row_end = np.cumsum(counts)
+        value_cum = np.concatenate([[0], np.cumsum(out["lengths"], dtype=np.int64)])
+        for b in np.flatnonzero(counts):
+            r0, r1 = int(row_end[b] - counts[b]), int(row_end[b])
+            v0, v1 = int(value_cum[r0]), int(value_cum[r1])
+            record = [np.asarray([r1 - r0, v1 - v0], np.int64)]
+            record += [out[f][r0:r1] for f in _ROW_FIELDS] + [out[f][v0:v1] for f in _VALUE_FIELDS]
+            self._files[b].write(b"".join(record))
+        self.n_flushes += 1
 
     def _load(self, b: int) -> dict[str, np.ndarray]:
         """Bucket ``b``'s records, each field concatenated in the order the rows were added."""
@@ -172,6 +212,7 @@ class PermutedWriter:
         """
         from .atlas import STATE_GROUP
 
+        self._flush()
         for fh in self._files:
             fh.close()
         parent = atlas.root[STATE_GROUP]
@@ -217,6 +258,9 @@ class PermutedWriter:
         return train_id
 
     def abort(self) -> None:
+        """Discard the pending rows and the spill."""
+        self._pending = {f: [] for f in self._pending}
+        self._pending_values = 0
         for fh in self._files:
             fh.close()
         shutil.rmtree(self.dir, ignore_errors=True)
