@@ -63,7 +63,9 @@ def test_formats_mtx_h5_zarr_anndata(tmp_path):
     z = tmp_path / "z.zarr"
     a.write_zarr(z)
     # zarr and mem are the same cells: a duplicate unless allowed
-    report = ingest(tmp_path / "atlas", [mtx, h5, z, a], batch_names=["mtx", "h5", "zarr", "mem"], allow_duplicates=True)
+    report = ingest(
+        tmp_path / "atlas", [mtx, h5, z, a], batch_names=["mtx", "h5", "zarr", "mem"], allow_duplicates=True
+    )
     assert report.batches_added == {"mtx": 20, "h5": 20, "zarr": 20, "mem": 20}
     back = _read(tmp_path / "atlas")
     assert back.n_vars == 15
@@ -286,3 +288,35 @@ def test_not_an_atlas_hint_names_the_path(tmp_path):
             Atlas.open(tmp_path / f"plain{fmt}.zarr")
         assert "{path}" not in str(err.value)
         assert f"scalex-scale ingest NEW_ATLAS {tmp_path / f'plain{fmt}.zarr'}" in str(err.value)
+
+
+def test_duplicated_cell_names_in_a_file_are_refused_while_streaming(tmp_path):
+    """An .h5ad's obs is read in row blocks (not whole): a name repeated blocks apart is still caught, and the
+    atlas is left as it was."""
+    store = tmp_path / "atlas"
+    ingest(store, [make_adata(30, 10, seed=3, batch="ok")])
+    before = _snapshot(store)
+    b = make_adata(25, 10, seed=4, prefix="z")
+    b.obs_names = [f"z{i}" for i in range(24)] + ["z2"]  # the repeat lands in the third chunk of 10
+    b.write_h5ad(tmp_path / "b.h5ad")
+    with pytest.raises(InputError, match=r"b.h5ad: duplicated cell names, e.g. \['z2'\]"):
+        ingest(store, [tmp_path / "b.h5ad"], batch_names=["b"], chunk_rows=10)
+    assert _snapshot(store) == before and not temporaries(store)
+
+
+def test_append_keeps_obs_columns_and_category_order(tmp_path):
+    """Appending streams the atlas' own obs rows: its categories keep their order (sorted when it was made), new
+    ones follow, sorted; a column one side lacks is missing there."""
+    a = make_adata(20, 10, seed=5, batch="a")
+    a.obs["ct"] = pd.Categorical(np.where(np.arange(20) < 8, "T", "B"), categories=["T", "B"])
+    a.obs["depth"] = np.arange(20)
+    store = tmp_path / "s"
+    ingest(store, [a])
+    b = make_adata(6, 10, seed=6, prefix="q")
+    b.obs["ct"] = ["NK", "Mono", "T", "NK", "B", "Mono"]
+    ingest(store, [b], batch_names=["b"], chunk_rows=4)
+    back = _read(store).obs
+    assert list(back["ct"].cat.categories) == ["B", "T", "Mono", "NK"]
+    assert back["ct"].tolist() == a.obs["ct"].tolist() + b.obs["ct"].tolist()
+    assert back["depth"].iloc[:20].tolist() == list(range(20)) and back["depth"].iloc[20:].isna().all()
+    assert list(back["batch"].cat.categories) == ["a", "b"] and list(back.index[:20]) == list(a.obs_names)

@@ -19,9 +19,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._options import field_names, split_shortcuts
+from ._hashset import HashSet, name_hashes, pair_hashes
 from ._zarr_io import Appender
 from .atlas import Atlas
 from .errors import DuplicateError, InputError
+from .obs_stream import ObsReader, ObsWriter
 from .readers import InputSource, open_input
 from .txn import transaction
 
@@ -77,14 +79,18 @@ class AppendOptions:
 def _joined_genes(sources: Sequence[InputSource], join: Join) -> pd.Index:
     genes = sources[0].var_names
     for src in sources[1:]:
-        genes = genes.intersection(src.var_names, sort=False) if join == "inner" else genes.union(src.var_names, sort=False)
+        genes = (
+            genes.intersection(src.var_names, sort=False) if join == "inner" else genes.union(src.var_names, sort=False)
+        )
     if len(genes) == 0:
         names = ", ".join(s.name for s in sources)
         raise InputError(f"the inputs share no gene names ({names}): check that they use the same gene identifiers")
     return pd.Index(genes)
 
 
-def _batch_labels(sources: Sequence[InputSource], batch_key: str | None, batch_names: Sequence[str] | None) -> list[Any]:
+def _batch_labels(
+    sources: Sequence[InputSource], batch_key: str | None, batch_names: Sequence[str] | None
+) -> list[Any]:
     """Per input: a fixed batch name (str) or the obs column to read it from (``("column", key)``)."""
     if batch_names is not None:
         if len(batch_names) != len(sources):
@@ -128,7 +134,9 @@ def _validate(chunk: sp.csr_matrix, src: InputSource, row: int, warned: set[str]
     data = chunk.data
     finite = np.isfinite(data)
     if not finite.all():
-        raise InputError(f"{src.name}: NaN or infinite values (first in cell #{_first_row(chunk.indptr, ~finite) + row})")
+        raise InputError(
+            f"{src.name}: NaN or infinite values (first in cell #{_first_row(chunk.indptr, ~finite) + row})"
+        )
     if data.size and data.min() < 0:
         first = _first_row(chunk.indptr, data < 0) + row
         raise InputError(f"{src.name}: negative counts (first in cell #{first}); raw counts are required")
@@ -158,44 +166,60 @@ def _remap(chunk: sp.csr_matrix, mapping: np.ndarray, n_genes: int) -> sp.csr_ma
 
 class _Names:
     """Makes cell names unique across inputs and against the atlas (``name-batch``, then ``-k``), and refuses a
-    cell already in the same batch (a duplicate) unless duplicates are allowed."""
+    cell already in the same batch (a duplicate) unless duplicates are allowed.
 
-    def __init__(self, existing: pd.Index, existing_batch: np.ndarray, allow_duplicates: bool, atlas: Path) -> None:
-        self.batch_of: dict[str, str] = {str(n): str(b) for n, b in zip(existing, existing_batch, strict=True)}
+    Holds hashes, not names (:mod:`._hashset`: 16 bytes a cell, where a dict of names took ~150).
+    """
+
+    def __init__(self, allow_duplicates: bool, atlas: Path) -> None:
+        self.names, self.pairs = HashSet(), HashSet()
         self.allow = allow_duplicates
         self.atlas = atlas
         self.renamed = 0
 
+    def add_existing(self, names: pd.Index, batches: np.ndarray) -> None:
+        """Cells already in the atlas."""
+        names = np.asarray(names.astype(str), dtype=object)
+        self.names.add(name_hashes(names))
+        self.pairs.add(pair_hashes(names, np.asarray(batches).astype(str)))
+
     def __call__(self, names: pd.Index, batches: np.ndarray, source: str) -> pd.Index:
-        names = names.astype(str)
-        batches = [str(b) for b in batches]
+        names = np.asarray(names.astype(str), dtype=object)
+        batches = np.asarray(batches).astype(str).astype(object)
+        pairs = pair_hashes(names, batches)
         if not self.allow:
-            same = [n for n, b in zip(names, batches, strict=True) if self.batch_of.get(n) == b]
-            if same:
+            same = np.flatnonzero(self.pairs.contains(pairs))
+            if same.size:
                 raise DuplicateError(
-                    f"{source}: {len(same):,} of its cells (e.g. {same[0]!r}) are already in batch "
-                    f"{self.batch_of[same[0]]!r} of {self.atlas}; it looks added before. Give another batch name, "
+                    f"{source}: {same.size:,} of its cells (e.g. {names[same[0]]!r}) are already in batch "
+                    f"{batches[same[0]]!r} of {self.atlas}; it looks added before. Give another batch name, "
                     "or pass --allow-duplicates (allow_duplicates=True) to add them again"
                 )
-        out = []
-        for name, batch in zip(names, batches, strict=True):
-            if name in self.batch_of:
-                cand, k = f"{name}-{batch}", 0
-                while cand in self.batch_of:
+        clash = self.names.contains(name_hashes(names)) | pd.Index(names).duplicated()
+        out = names.copy()
+        if clash.any():
+            taken = set(names[~clash])
+            for i in np.flatnonzero(clash):
+                cand, k = f"{names[i]}-{batches[i]}", 0
+                while cand in taken or self.names.contains(name_hashes(np.asarray([cand], dtype=object)))[0]:
                     k += 1
-                    cand = f"{name}-{batch}-{k}"
-                name = cand
-                self.renamed += 1
-            self.batch_of[name] = str(batch)
-            out.append(name)
-        return pd.Index(out)
+                    cand = f"{names[i]}-{batches[i]}-{k}"
+                taken.add(cand)
+                out[i] = cand
+            self.renamed += int(clash.sum())
+            self.pairs.add(pair_hashes(out, batches))
+        self.names.add(name_hashes(out))
+        self.pairs.add(pairs)
+        return pd.Index(out, dtype=object)
 
 
 def _recorded_inputs(state: dict[str, Any]) -> list[dict[str, Any]]:
     return [*((state.get("ingest") or {}).get("inputs", [])), *((state.get("projection") or {}).get("inputs", []))]
 
 
-def _refuse_known_source(src: InputSource, key: str, value: str | None, known: list[dict[str, Any]], atlas: Path) -> None:
+def _refuse_known_source(
+    src: InputSource, key: str, value: str | None, known: list[dict[str, Any]], atlas: Path
+) -> None:
     if value is None:
         return
     for rec in known:
@@ -251,7 +275,9 @@ def ingest(
     **fields
         Shortcuts for single fields of ``options`` or ``soma`` (``batch_key="donor"``, ``measurement="RNA"``).
     """
-    option_fields, soma_fields = split_shortcuts("ingest", fields, field_names(AppendOptions, exclude={"record"}), SOMA_OPTIONS)
+    option_fields, soma_fields = split_shortcuts(
+        "ingest", fields, field_names(AppendOptions, exclude={"record"}), SOMA_OPTIONS
+    )
     options = dataclasses.replace(options or AppendOptions(), **option_fields)
     soma = {**(soma or {}), **{k: v for k, v in soma_fields.items() if v is not None}}
     if options.profile not in ("RNA", "ATAC"):
@@ -278,15 +304,14 @@ def append(atlas: Atlas, sources: Sequence[InputSource], options: AppendOptions 
     genes = atlas.var_names
     gene_pos = pd.Series(np.arange(len(genes)), index=genes)
     labels = _batch_labels(sources, options.batch_key, options.batch_names)
-    old_obs = atlas.obs
     state = atlas.state
     known = _recorded_inputs(state)
     n0, nnz0 = atlas.n_obs, int(atlas.indptr[-1])
     x = atlas.root["X"]
     data, indices, indptr = Appender(x["data"]), Appender(x["indices"]), Appender(x["indptr"])
-    old_batch = old_obs["batch"].to_numpy() if "batch" in old_obs else np.zeros(0, dtype=object)
-    names = _Names(old_obs.index, np.asarray(old_batch, dtype=object), options.allow_duplicates, atlas.path)
-    obs_parts: list[pd.DataFrame] = []
+    names = _Names(options.allow_duplicates, atlas.path)
+    obs_out = ObsWriter(atlas.root)
+    batch_order = _copy_obs(atlas, names, obs_out) if n0 else []
     missing, dropped, added = {}, {}, {}
     records = []
     warned: set[str] = set()
@@ -317,9 +342,9 @@ def append(atlas: Atlas, sources: Sequence[InputSource], options: AppendOptions 
                 content.update(np.ascontiguousarray(part).tobytes())
             obs = obs.copy()
             obs.index = names(obs.index, batch, src.name)
-            obs["batch"] = batch
-            obs_parts.append(obs)
-            for b, n in zip(*np.unique(batch.astype(str), return_counts=True), strict=True):
+            obs["batch"] = batch.astype(str).astype(object)
+            obs_out.append(obs)
+            for b, n in pd.Series(obs["batch"]).value_counts(sort=False).items():
                 added[str(b)] = added.get(str(b), 0) + int(n)
             data.append(chunk.data)
             indices.append(chunk.indices)
@@ -342,14 +367,13 @@ def append(atlas: Atlas, sources: Sequence[InputSource], options: AppendOptions 
             log.warning("%s: %d atlas genes missing (filled with 0)", src.name, missing[src.name])
     for app in (data, indices, indptr):
         app.flush()
-    new_obs = _concat_obs(old_obs, obs_parts)
-    n_total = new_obs.shape[0]
+    n_total = n0 + sum(added.values())
     for key in atlas.obsm_keys():  # keep obsm aligned: new cells get NaN until embedded
         arr = atlas.root["obsm"][key]
         n_cols = arr.shape[1]
         arr.resize((n_total, n_cols))
         arr[n0:n_total] = np.full((n_total - n0, n_cols), np.nan, dtype=arr.dtype)
-    atlas.write_obs(new_obs)
+    obs_out.finish({"batch": batch_order + [b for b in added if b not in batch_order]})
     x.attrs["shape"] = [n_total, len(genes)]
     section = state.get(options.record) or {}
     if options.record == "ingest":
@@ -362,20 +386,15 @@ def append(atlas: Atlas, sources: Sequence[InputSource], options: AppendOptions 
     return IngestReport(str(atlas.path), n_total - n0, added, len(genes), missing, dropped, names.renamed, n0)
 
 
-def _concat_obs(old: pd.DataFrame, parts: list[pd.DataFrame]) -> pd.DataFrame:
-    frames = [old.astype({"batch": str}) if "batch" in old else old] + parts
-    obs = pd.concat([f for f in frames if f.shape[0] or f is old], axis=0, join="outer")
-    for col in obs.columns:
-        values = obs[col]
-        if values.dtype == object and values.dropna().map(lambda v: isinstance(v, bool | np.bool_)).all():
-            obs[col] = values.astype("boolean")  # a bool column missing from some inputs: keep it boolean
-        elif values.dtype == object or isinstance(values.dtype, pd.CategoricalDtype):
-            obs[col] = values.astype(str).where(values.notna(), None).astype("category")
-    old_cats = list(old["batch"].cat.categories) if "batch" in old else []
-    new_cats = old_cats + [c for c in pd.unique(obs["batch"].astype(str)) if c not in old_cats]
-    obs["batch"] = pd.Categorical(obs["batch"].astype(str), categories=new_cats)
-    obs.index = obs.index.astype(str)
-    return obs
+def _copy_obs(atlas: Atlas, names: _Names, out: ObsWriter) -> list[str]:
+    """Stream the atlas' own obs rows into ``out`` (block by block) and their names into ``names``; returns the
+    batch categories in their stored order."""
+    reader = ObsReader(atlas.root["obs"])
+    out.adopt_categories(reader.categories)
+    for block in reader.blocks():
+        names.add_existing(block.index, np.asarray(block["batch"]).astype(str))
+        out.append(block)
+    return reader.categories.get("batch", [])
 
 
 __all__ = ["AppendOptions", "IngestReport", "append", "ingest"]

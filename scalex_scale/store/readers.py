@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._hashset import HashSet, name_hashes
 from .errors import InputError
+from .obs_stream import ObsReader
 
 Chunk = sp.csr_matrix
 
@@ -63,27 +65,49 @@ class InputSource:
 
 
 def _row_chunks(
-    name: str, obs: pd.DataFrame, read_rows: Callable[[int, int], Any]
+    name: str, n: int, read_obs: Callable[[int, int], pd.DataFrame], read_rows: Callable[[int, int], Any]
 ) -> Callable[[int], Iterator[tuple[Chunk, pd.DataFrame]]]:
-    """Chunk iterator over a random-access row reader, wrapping read failures in :class:`InputError`."""
+    """Chunk iterator over random-access row readers (X and obs), wrapping read failures in :class:`InputError`."""
 
     def chunks(chunk_rows: int) -> Iterator[tuple[Chunk, pd.DataFrame]]:
-        n = obs.shape[0]
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
             try:
-                block = read_rows(start, stop)
+                block, obs = read_rows(start, stop), read_obs(start, stop)
+            except InputError:
+                raise
             except (OSError, KeyError, ValueError, RuntimeError) as err:
                 raise InputError(
                     f"{name}: rows {start}-{stop} cannot be read (corrupt or truncated file?): {err}"
                 ) from err
-            yield to_csr(block, name), obs.iloc[start:stop]
+            yield to_csr(block, name), obs
 
     return chunks
 
 
 def _source(name: str, var_names: pd.Index, obs: pd.DataFrame, read_rows, close=lambda: None) -> InputSource:
-    return InputSource(name, var_names, _row_chunks(name, obs, read_rows), obs.shape[0], close)
+    """An input whose obs is in memory (names checked already)."""
+    chunks = _row_chunks(name, obs.shape[0], lambda a, b: obs.iloc[a:b], read_rows)
+    return InputSource(name, var_names, chunks, obs.shape[0], close)
+
+
+def _streamed_obs(name: str, reader: ObsReader) -> Callable[[int, int], pd.DataFrame]:
+    """Row blocks of an on-disk obs, refusing duplicated cell names as they come (hashes of the names seen: 8
+    bytes a cell, not the names)."""
+    seen = HashSet()
+
+    def read(start: int, stop: int) -> pd.DataFrame:
+        if start == 0:  # a new pass over the cells
+            seen.runs.clear()
+        obs = reader.read(start, stop)
+        hashes = name_hashes(np.asarray(obs.index, dtype=object))
+        dup = seen.contains(hashes) | obs.index.duplicated()
+        if dup.any():
+            raise InputError(f"{name}: duplicated cell names, e.g. {obs.index[dup].unique()[:5].tolist()}")
+        seen.add(hashes)
+        return obs
+
+    return read
 
 
 def to_csr(block: Any, name: str) -> Chunk:
@@ -118,7 +142,7 @@ def _anndata_group_source(group: Any, name: str, close: Callable[[], None]) -> I
     from anndata.io import read_elem, sparse_dataset
 
     try:
-        obs = read_elem(group["obs"])
+        obs = ObsReader(group["obs"])
         var = read_elem(group["var"])
         x = group["X"]
     except KeyError as err:
@@ -139,9 +163,11 @@ def _anndata_group_source(group: Any, name: str, close: Callable[[], None]) -> I
 
     else:
         raise InputError(f"{name}: X has unsupported encoding {enc!r}")
-    obs.index = _check_names(obs.index, name, "cell")
+    if obs.n_obs == 0:
+        raise InputError(f"{name}: has no cells (empty input)")
     var_names = _check_names(var.index, name, "gene")
-    return _source(name, var_names, obs, read_rows, close)
+    chunks = _row_chunks(name, obs.n_obs, _streamed_obs(name, obs), read_rows)
+    return InputSource(name, var_names, chunks, obs.n_obs, close)
 
 
 def open_h5ad(path: Path) -> InputSource:
@@ -225,7 +251,11 @@ def open_10x_mtx(directory: Path) -> InputSource:
     matrix = _find(directory, "matrix.mtx")
     features = _find(directory, "features.tsv", "genes.tsv")
     barcodes = _find(directory, "barcodes.tsv")
-    missing = [n for n, p in [("matrix.mtx", matrix), ("features.tsv/genes.tsv", features), ("barcodes.tsv", barcodes)] if p is None]
+    missing = [
+        n
+        for n, p in [("matrix.mtx", matrix), ("features.tsv/genes.tsv", features), ("barcodes.tsv", barcodes)]
+        if p is None
+    ]
     if missing:
         raise InputError(f"{directory}: not a 10x MTX directory (missing {', '.join(missing)})")
     try:
@@ -289,9 +319,7 @@ def open_10x_h5(path: Path) -> InputSource:
 
     def read_rows(start: int, stop: int) -> Any:
         a, b = indptr[start], indptr[stop]
-        m = sp.csr_matrix(
-            (data[a:b], indices[a:b], indptr[start : stop + 1] - a), shape=(stop - start, n_genes)
-        )
+        m = sp.csr_matrix((data[a:b], indices[a:b], indptr[start : stop + 1] - a), shape=(stop - start, n_genes))
         return m if keep_idx.size == n_genes else m[:, keep_idx]
 
     obs = pd.DataFrame(index=_check_names(pd.Index(barcodes), str(path), "cell"))
