@@ -45,14 +45,11 @@ def availability(tool: str, python: Path = PEER_PY) -> str | None:
     return None
 
 
-OUR_BATCH = 64  # the method's mini-batch (TrainConfig.batch_size)
-
-
-def scvi_epochs(setting: str | int, n_obs: int, our_iterations: int) -> int:
+def scvi_epochs(setting: str | int, n_obs: int, our_iterations: int, our_batch: int) -> int:
     """``--scvi-max-epochs``: 0 (scVI's default), N, or ``match``: scVI sees as many cells as our fit
-    (iterations x 64) over its training split (90% of the cells, scvi-tools' default), at least one epoch."""
+    (iterations x batch size) over its training split (90% of the cells, scvi-tools' default), at least one epoch."""
     if str(setting) == "match":
-        return max(1, round(our_iterations * OUR_BATCH / (0.9 * n_obs)))
+        return max(1, round(our_iterations * our_batch / (0.9 * n_obs)))
     return int(setting)
 
 
@@ -62,7 +59,7 @@ def command(tool: str, n: int, h5ad: Path, outdir: Path, args: Any) -> list[str]
            "--min-features", str(args.min_features), "--seed", str(args.seed), "--label-key", "celltype"]  # fmt: skip
     if tool == "scvi":
         cmd += ["--accelerator", {"cpu": "cpu", "cuda": "gpu"}.get(args.device, "auto")]
-        epochs = scvi_epochs(args.scvi_max_epochs, n, args.max_iterations)
+        epochs = scvi_epochs(args.scvi_max_epochs, n, args.max_iterations, args.batch_size)
         if epochs:
             cmd += ["--max-epochs", str(epochs)]
     else:

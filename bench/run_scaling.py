@@ -96,8 +96,8 @@ def run_ours(n: int, args: argparse.Namespace, work: Path, h5ad: Path | None, t0
     plan = [
         ingest,
         ("preprocess", "preprocess", {"store": store, "min_features": args.min_features, "features_out": str(work / f"hvg_{n}.txt")}),
-        ("fit", "fit", {**common, "max_iterations": args.max_iterations, "seed": args.seed, "precision": args.precision,
-                        "cuda_graphs": args.cuda_graphs}),
+        ("fit", "fit", {**common, "max_iterations": args.max_iterations, "batch_size": args.batch_size, "seed": args.seed,
+                        "precision": args.precision, "cuda_graphs": args.cuda_graphs}),
         ("embed", "embed", common),
         ("transfer", "transfer", {"store": store, "label_key": "celltype", "query_batches": [f"batch{args.n_batches - 1}"]}),
         ("evaluate", "evaluate", {"store": store, "label_key": "celltype", "seed": args.seed}),
@@ -260,7 +260,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument("--peer-memory-gb", default="20", help="memory budget (GB, process tree RSS) of one peer run: N, or scvi=N,harmony=M")
     p.add_argument("--scvi-max-epochs", default="0",
                    help="scVI epochs: 0 (scvi-tools' default heuristic), N, or 'match' (as many cells seen as our fit's "
-                        "--max-iterations x 64, on scVI's 90%% training split; the default schedule's time is then "
+                        "--max-iterations x --batch-size, on scVI's 90%% training split; the default schedule's time is then "
                         "projected from the measured time per epoch and labelled so)")  # fmt: skip
     p.add_argument("--harmony-max-iter", type=int, default=0, help="Harmony iterations (0: harmonypy's default, 10)")
     p.add_argument("--harmony-scale", action="store_true", help="scanpy pp.scale before Harmony's PCA (densifies)")
@@ -268,6 +268,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                    help="our ingest: the generator straight into the store, or `scalex-scale ingest` of the .h5ad")
     p.add_argument("--stages", default=None, help=f"our stages to run, from {','.join(STAGES)} (default: all)")
     p.add_argument("--max-iterations", type=int, default=30_000)
+    p.add_argument("--batch-size", type=int, default=64, help="our fit's mini-batch (the method's: 64)")
     p.add_argument("--n-genes", type=int, default=5000)
     p.add_argument("--genes-per-cell", type=int, default=1000)
     p.add_argument("--n-batches", type=int, default=8)

@@ -14,14 +14,9 @@ def field_names(cls: type, *, exclude: Collection[str] = ()) -> frozenset[str]:
 
 
 def split_shortcuts(function: str, given: Mapping[str, Any], *groups: Collection[str]) -> list[dict[str, Any]]:
-    """``given`` split into one dict per group of names (a name in two groups goes to the first); a TypeError
-    naming ``function`` and every name that belongs to no group, as Python's own for an unknown keyword."""
+    """``given`` split into one dict per group of names (the groups are disjoint); a TypeError naming ``function``
+    and every name that belongs to no group, as Python's own for an unknown keyword."""
     unknown = sorted(set(given).difference(*groups))
     if unknown:
         raise TypeError(f"{function}() got unexpected options {unknown}")
-    out: list[dict[str, Any]] = []
-    taken: set[str] = set()
-    for group in groups:
-        out.append({k: v for k, v in given.items() if k in group and k not in taken})
-        taken.update(out[-1])
-    return out
+    return [{k: v for k, v in given.items() if k in group} for group in groups]

@@ -146,9 +146,10 @@ def test_capped_scvi_schedule_is_projected_and_labelled():
 def test_scvi_epochs_match_our_cells_seen():
     from _peers import scvi_epochs
 
-    assert scvi_epochs("0", 10_000, 30_000) == 0 and scvi_epochs(5, 10_000, 30_000) == 5
-    assert scvi_epochs("match", 10_000, 30_000) == 213  # 1.92M cells seen / 9,000 training cells
-    assert scvi_epochs("match", 1_000_000, 30_000) == 2 and scvi_epochs("match", 10**8, 30_000) == 1
+    assert scvi_epochs("0", 10_000, 30_000, 64) == 0 and scvi_epochs(5, 10_000, 30_000, 64) == 5
+    assert scvi_epochs("match", 10_000, 30_000, 64) == 213  # 1.92M cells seen / 9,000 training cells
+    assert scvi_epochs("match", 10_000, 30_000, 128) == 427  # twice the cells at twice the batch
+    assert scvi_epochs("match", 1_000_000, 30_000, 64) == 2 and scvi_epochs("match", 10**8, 30_000, 64) == 1
 
 
 def test_scale_checks_flag_growth():

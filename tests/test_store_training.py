@@ -47,7 +47,8 @@ def _write(tmp_path, x: sp.csr_matrix, *, bucket_values: int, feed: int, seed: i
 def test_every_row_lands_whole_in_a_permutation(tmp_path, bucket_values):
     x = _rows(400)
     cells, batch, got, n_buckets, *_ = _write(tmp_path, x, bucket_values=bucket_values, feed=64)
-    assert n_buckets == max(1, -(-x.nnz // bucket_values)) or n_buckets == training.max_open_buckets()
+    wanted = max(1, -(-x.nnz // bucket_values))
+    assert n_buckets == wanted or n_buckets == training.max_open_buckets(wanted)
     assert sorted(cells) == list(range(400)) and not np.array_equal(cells, np.arange(400))
     np.testing.assert_array_equal(batch, cells % 3)
     expected = x[cells]
@@ -68,6 +69,21 @@ def test_bucket_count_is_capped_by_open_files():
     assert training.n_buckets(10**12, 1 << 23, 1000) == 1000  # 119,210 buckets of 2**23 would need 119,210 files
     assert training.n_buckets(10**9, 1 << 23, 1000) == 120 and training.n_buckets(0, 1 << 23, 1000) == 1
     assert training.max_open_buckets() >= 16
+
+
+def test_open_file_limit_is_raised_only_when_needed():
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2 * training.FD_RESERVE + 64:
+        pytest.skip("hard open-file limit too low to test")
+    low = training.FD_RESERVE + 64
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))
+        assert training.max_open_buckets(10) == 64 and resource.getrlimit(resource.RLIMIT_NOFILE)[0] == low
+        assert training.max_open_buckets(100) == 100  # raised as far as needed, no further
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == training.FD_RESERVE + 100
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.parametrize("bucket_values", [1 << 26, 300, 37])

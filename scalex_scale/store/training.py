@@ -125,7 +125,8 @@ class PermutedWriter:
         if flush_values < 1:
             raise ValueError(f"flush_values must be at least 1, got {flush_values}")
         self.dir = Path(spill_dir)
-        self.n_buckets = n_buckets(expected_values, bucket_values, max_open_buckets())
+        wanted = n_buckets(expected_values, bucket_values, 1 << 62)
+        self.n_buckets = n_buckets(expected_values, bucket_values, max_open_buckets(wanted))
         self.rng = rng
         self.n_features = int(n_features)
         self.flush_values = int(flush_values)
@@ -273,17 +274,20 @@ _VALUE_FIELDS = ("indices", "data")
 FD_RESERVE = 256
 
 
-def max_open_buckets() -> int:
-    """Spill files the writer may hold open at once: the soft open-file limit, raised to the hard limit where
-    allowed, less :data:`FD_RESERVE` (at least 16)."""
+def max_open_buckets(needed: int = 0) -> int:
+    """Spill files the writer may hold open at once: the soft open-file limit less :data:`FD_RESERVE` (at least
+    16). Only when ``needed`` files would not fit under it is the process' soft limit raised, as far as needed and
+    the hard limit allow (a small atlas leaves the limit alone)."""
     try:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard != resource.RLIM_INFINITY and soft < hard:
+        want = needed + FD_RESERVE
+        if soft != resource.RLIM_INFINITY and soft < want:
+            target = want if hard == resource.RLIM_INFINITY else min(want, hard)
             try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-                soft = hard
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
             except (ValueError, OSError):
                 pass
         limit = soft if soft != resource.RLIM_INFINITY else 1 << 16
