@@ -106,7 +106,7 @@ def run_ours(n: int, args: argparse.Namespace, work: Path, h5ad: Path | None, t0
     rows = []
     for name, stage, stage_args in plan:
         log(t0, f"{args.tool:<13} {n:>9,} cells  {name} ...")
-        r = _run_stage(stage, stage_args)
+        r = repeated(stage, stage_args, args.repeats if name in args.repeat_stages else 1)
         row = {**r, "tool": args.tool, "n_cells": n, "stage": name, "ingest_source": args.ingest_from}
         if os.path.exists(store):
             row["store_disk_bytes"] = disk_bytes(store)
@@ -120,6 +120,23 @@ def run_ours(n: int, args: argparse.Namespace, work: Path, h5ad: Path | None, t0
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(model, ignore_errors=True)
     return rows
+
+
+def repeated(stage: str, stage_args: dict, repeats: int) -> dict:
+    """Run one of our stages ``repeats`` times back to back (each rerun redoes the stage in place on the same store);
+    the row is the run of median wall time (the lower middle one for an even count), with every run's wall time and peak RSS beside it and ``peak_rss_mb``
+    the largest of them (memory is judged on the worst run, time on the typical one). Stops at the first failure."""
+    runs = []
+    for _ in range(repeats):
+        runs.append(_run_stage(stage, stage_args))
+        if runs[-1].get("status") != "ok":
+            return runs[-1]
+    if repeats == 1:
+        return runs[0]
+    median = sorted(runs, key=lambda r: r["wall_s"])[(repeats - 1) // 2]
+    return {**median, "repeats": repeats, "wall_s_runs": [r["wall_s"] for r in runs],
+            "peak_rss_mb_runs": [r.get("peak_rss_mb") for r in runs],
+            "peak_rss_mb": max(r.get("peak_rss_mb") or 0 for r in runs)}  # fmt: skip
 
 
 def run_reference(n: int, args: argparse.Namespace, work: Path, h5ad: Path, t0: float) -> list[dict]:
@@ -267,6 +284,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument("--ingest-from", choices=["synthetic", "h5ad"], default="synthetic",
                    help="our ingest: the generator straight into the store, or `scalex-scale ingest` of the .h5ad")
     p.add_argument("--stages", default=None, help=f"our stages to run, from {','.join(STAGES)} (default: all)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each of our --repeat-stages this many times back to back, in place; the checks use the "
+                        "median wall time and the largest peak RSS (every run is recorded)")
+    p.add_argument("--repeat-stages", default=",".join(STAGES), help="our stages --repeats applies to (default: all)")
     p.add_argument("--max-iterations", type=int, default=30_000)
     p.add_argument("--batch-size", type=int, default=64, help="our fit's mini-batch (the method's: 64)")
     p.add_argument("--n-genes", type=int, default=5000)
@@ -301,6 +322,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     if [s for s in stages if s not in STAGES]:
         p.error(f"unknown stage(s) in --stages {args.stages!r}; choose from {', '.join(STAGES)}")
     args.our_stages = [s for s in STAGES if s in stages]
+    args.repeat_stages = [s.strip() for s in args.repeat_stages.split(",") if s.strip()]
+    if [s for s in args.repeat_stages if s not in STAGES]:
+        p.error(f"unknown stage(s) in --repeat-stages {','.join(args.repeat_stages)!r}; choose from {', '.join(STAGES)}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     try:
         args.peer_time_budget = per_tool(args.peer_time_budget, 14400.0)
         args.peer_memory_gb = per_tool(args.peer_memory_gb, 20.0)

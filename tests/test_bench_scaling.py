@@ -165,6 +165,12 @@ def test_scale_checks_flag_growth():
     assert checks["fit"]["time_per_cell_ratio"] == pytest.approx(0.25)
     assert checks["embed"]["store_gb_per_million_cells"] == pytest.approx(4.0)
     assert sum("FAIL" in line for line in report.check_lines(list(checks.values()))) == 1
+    assert "wall_s_runs" not in checks["embed"]
+    embed = next(r for r in big if r["stage"] == "embed")
+    embed.update(repeats=3, wall_s_runs=[310.0, 300.0, 290.0])  # as run_scaling.repeated() writes it
+    (c,) = [c for c in report.scale_checks(base + big) if c["stage"] == "embed"]
+    assert c["wall_s_runs"] == [310.0, 300.0, 290.0] and c["baseline_wall_s_runs"] == [100.0]
+    assert "ok (median of 3 vs 1 runs)" in report.check_lines([c])[0]
 
 
 def test_merge_replaces_by_tool_and_size():
@@ -181,6 +187,36 @@ def test_merge_replaces_by_tool_and_size():
     measured = [{"n_cells": 1000, "store_disk_bytes": 2e6}, {"n_cells": 4000, "store_disk_bytes": 1.2e7}]
     assert run_scaling.disk_needed(10_000, args, measured, h5ad=False) == pytest.approx(1.15 * 10_000 * 3000)
     assert run_scaling.disk_needed(10_000, args, measured, h5ad=True) == pytest.approx(1.15 * 10_000 * (3000 + 8000))
+
+
+def test_repeated_stage_takes_the_median_time_and_the_worst_memory(monkeypatch):
+    import run_scaling
+
+    runs = iter([{"status": "ok", "wall_s": w, "peak_rss_mb": m, "run": i} for i, (w, m) in enumerate([(9.0, 100), (5.0, 300), (7.0, 200)])])
+    monkeypatch.setattr(run_scaling, "_run_stage", lambda stage, a: next(runs))
+    r = run_scaling.repeated("preprocess", {}, 3)
+    assert r["run"] == 2 and r["wall_s"] == 7.0 and r["peak_rss_mb"] == 300  # median time, largest RSS
+    assert r["wall_s_runs"] == [9.0, 5.0, 7.0] and r["peak_rss_mb_runs"] == [100, 300, 200] and r["repeats"] == 3
+    failing = iter([{"status": "ok", "wall_s": 1.0, "peak_rss_mb": 1}, {"status": "failed", "wall_s": 2.0}])
+    monkeypatch.setattr(run_scaling, "_run_stage", lambda stage, a: next(failing))
+    assert run_scaling.repeated("fit", {}, 3)["status"] == "failed"  # stops at the first failure, reports it
+    _, args = run_scaling.parse_args(["--repeats", "3", "--repeat-stages", "preprocess,embed"])
+    assert args.repeat_stages == ["preprocess", "embed"] and args.repeats == 3
+    for bad in (["--repeat-stages", "train"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            run_scaling.parse_args(bad)
+
+
+def test_run_scaling_repeats_rerun_stages_in_place(tmp_path):
+    """--repeats reruns preprocess and embed on the same store (each rerun redoes the work) and records every run."""
+    proc = _run(tmp_path, "--sizes", "1200", "--pipeline-only", "--no-quality", "--repeats", "2", "--repeat-stages", "preprocess,embed")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "out" / "scaling.json").read_text())["results"]}
+    for stage in ("preprocess", "embed"):
+        r = rows[stage]
+        assert r["status"] == "ok" and r["repeats"] == 2 and len(r["wall_s_runs"]) == 2 and r["wall_s"] in r["wall_s_runs"]
+        assert all(w > 0 for w in r["wall_s_runs"]) and r["peak_rss_mb"] == max(r["peak_rss_mb_runs"])
+    assert "repeats" not in rows["fit"] and rows["fit"]["iterations"] == 20
 
 
 def test_peer_availability_names_the_fix(tmp_path):
