@@ -132,17 +132,47 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system, every thread) this process has used: unlike wall time, not inflated by other
+    tenants of a shared host."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def host_cpu_ticks(path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(steal, total) CPU ticks of the machine so far (Linux ``/proc/stat``; None elsewhere). Steal is time the
+    hypervisor gave this VM's CPUs to other guests: its share over a stage says how far wall time overstates it."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest is inside user)
+    return ticks[7], sum(ticks)
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 RESULT_TAG = "__STAGE_RESULT__"
 
 
 def run_stage(stage: str, args: dict[str, Any], *, python: str = sys.executable, timeout: float | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``bench/_stages.py STAGE`` in a fresh process; return its result with wall time and peak RSS.
+    """Run ``bench/_stages.py STAGE`` in a fresh process; return its result with wall time, CPU time, peak RSS and
+    the share of the machine's CPU time stolen by the hypervisor meanwhile (``host_steal_share``).
 
     Output of the child streams to our stderr (progress stays visible). A failure, a timeout or a kill (e.g. out of
     memory) is returned as ``{"status": "failed" | "timeout", ...}``, not raised.
     """
     cmd = [python, str(REPO / "bench" / "_stages.py"), stage, json.dumps(args)]
-    t0 = time.perf_counter()
+    t0, ticks = time.perf_counter(), host_cpu_ticks()
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
@@ -156,4 +186,4 @@ def run_stage(stage: str, args: dict[str, Any], *, python: str = sys.executable,
             print(line, file=sys.stderr)
     if proc.returncode != 0 or result is None:
         return {"stage": stage, "status": "failed", "returncode": proc.returncode, "wall_s": wall}
-    return {"stage": stage, "status": "ok", "process_wall_s": wall, **result}
+    return {"stage": stage, "status": "ok", "process_wall_s": wall, "host_steal_share": steal_share(ticks, host_cpu_ticks()), **result}

@@ -17,7 +17,7 @@ from scalex_scale._openmp import bound_openmp_spin
 bound_openmp_spin()  # before torch is imported (both tools run with it: see bench/README.md)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _env import RESULT_TAG, peak_rss_mb  # noqa: E402
+from _env import RESULT_TAG, cpu_seconds, peak_rss_mb  # noqa: E402
 
 
 def _synthetic_config(a: dict[str, Any]):
@@ -228,7 +228,9 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(args["torch_threads"]))
+    c0 = cpu_seconds()
     out = STAGES[stage](args)
+    out.setdefault("cpu_s", cpu_seconds() - c0)  # the stage's work, imports before it left out
     out["peak_rss_mb"] = peak_rss_mb()
     try:
         import torch

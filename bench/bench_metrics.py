@@ -36,6 +36,8 @@ from scalex_scale.metrics import EvaluateConfig, evaluate  # noqa: E402
 from scalex_scale.metrics.knn import resolve_method  # noqa: E402
 from scalex_scale.metrics.label_transfer import knn_classifier_transfer, transfer_labels  # noqa: E402
 
+from _env import cpu_seconds  # noqa: E402
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -77,12 +79,6 @@ class RSSSampler:
 
 def ru_maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads) so far."""
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 def synthetic_latent(

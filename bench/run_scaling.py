@@ -135,7 +135,8 @@ def repeated(stage: str, stage_args: dict, repeats: int) -> dict:
         return runs[0]
     median = sorted(runs, key=lambda r: r["wall_s"])[(repeats - 1) // 2]
     return {**median, "repeats": repeats, "wall_s_runs": [r["wall_s"] for r in runs],
-            "peak_rss_mb_runs": [r.get("peak_rss_mb") for r in runs],
+            "peak_rss_mb_runs": [r.get("peak_rss_mb") for r in runs], "cpu_s_runs": [r.get("cpu_s") for r in runs],
+            "host_steal_share_runs": [r.get("host_steal_share") for r in runs],
             "peak_rss_mb": max(r.get("peak_rss_mb") or 0 for r in runs)}  # fmt: skip
 
 

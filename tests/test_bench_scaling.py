@@ -173,6 +173,40 @@ def test_scale_checks_flag_growth():
     assert "ok (median of 3 vs 1 runs)" in report.check_lines([c])[0]
 
 
+def test_time_is_judged_on_cpu_time_when_the_host_steals():
+    """Wall time x2.6 for x2 cells while the hypervisor took 20% of the machine: judged on CPU time (x2.0, linear);
+    the same wall time without steal fails; steal under the limit keeps wall time."""
+    base = _ours("scalex-scale", 1_000_000, {"preprocess": 40.0}, {"preprocess": 900.0})
+    big = _ours("scalex-scale", 2_000_000, {"preprocess": 104.0}, {"preprocess": 900.0})
+    base[0].update(cpu_s=70.0, host_steal_share=0.01)
+    big[0].update(cpu_s=140.0, host_steal_share=0.20)
+    (c,) = report.scale_checks(base + big)
+    assert not c["time_no_faster_than_linear"] and c["cpu_time_ratio"] == pytest.approx(2.0)
+    assert c["time_judged_on"] == "cpu" and c["time_ok"]
+    assert c["host_steal_share"] == 0.20 and c["baseline_host_steal_share"] == 0.01
+    line = report.check_lines([c])[0]
+    assert "CPU x2.00" in line and "steal 20%" in line and "judged on cpu time" in line and line.endswith("-> ok")
+    big[0]["host_steal_share"] = report.STEAL_LIMIT / 2
+    (c,) = report.scale_checks(base + big)
+    assert c["time_judged_on"] == "wall" and not c["time_ok"] and report.check_lines([c])[0].endswith("-> FAIL")
+    big[0]["cpu_s"] = 200.0  # CPU time super-linear too: fails either way
+    big[0]["host_steal_share"] = 0.3
+    (c,) = report.scale_checks(base + big)
+    assert c["time_judged_on"] == "cpu" and not c["time_ok"]
+
+
+def test_host_steal_share_from_proc_stat(tmp_path):
+    from _env import host_cpu_ticks, steal_share
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
+    before = host_cpu_ticks(str(stat))
+    assert before == (40, 1000)
+    stat.write_text("cpu  200 0 100 1500 10 0 0 190 0 0\n")
+    assert steal_share(before, host_cpu_ticks(str(stat))) == pytest.approx(150 / 1000)
+    assert host_cpu_ticks(str(tmp_path / "missing")) is None and steal_share(None, (1, 2)) is None
+
+
 def test_merge_replaces_by_tool_and_size():
     import run_scaling
 
@@ -216,6 +250,7 @@ def test_run_scaling_repeats_rerun_stages_in_place(tmp_path):
         r = rows[stage]
         assert r["status"] == "ok" and r["repeats"] == 2 and len(r["wall_s_runs"]) == 2 and r["wall_s"] in r["wall_s_runs"]
         assert all(w > 0 for w in r["wall_s_runs"]) and r["peak_rss_mb"] == max(r["peak_rss_mb_runs"])
+        assert len(r["cpu_s_runs"]) == 2 and all(c > 0 for c in r["cpu_s_runs"]) and r["cpu_s"] in r["cpu_s_runs"]
     assert "repeats" not in rows["fit"] and rows["fit"]["iterations"] == 20
 
 
