@@ -320,3 +320,23 @@ def test_append_keeps_obs_columns_and_category_order(tmp_path):
     assert back["ct"].tolist() == a.obs["ct"].tolist() + b.obs["ct"].tolist()
     assert back["depth"].iloc[:20].tolist() == list(range(20)) and back["depth"].iloc[20:].isna().all()
     assert list(back["batch"].cat.categories) == ["a", "b"] and list(back.index[:20]) == list(a.obs_names)
+
+
+def test_obs_columns_written_later_are_chunked_like_ingest(tmp_path, monkeypatch):
+    """write_obs_columns (preprocess' QC flag, transfer's labels) writes row chunks, not one chunk a column, and
+    the next ingest streams them back."""
+    from scalex_scale.store import atlas as atlas_module
+    from scalex_scale.store import transaction
+
+    monkeypatch.setattr(atlas_module, "ROW_CHUNK", 16)
+    store = tmp_path / "s"
+    ingest(store, [make_adata(50, 8, seed=31, batch="a")])
+    labels = pd.Categorical(np.where(np.arange(50) % 3, "x", "y"))
+    with transaction(store, "test") as txn:
+        txn.atlas.write_obs_columns({"flag": np.arange(50) % 2 == 0, "label": labels})
+    obs = zarr.open_group(store / "obs", mode="r")
+    assert obs["flag"].chunks == (16,) and obs["label"]["codes"].chunks == (16,)
+    ingest(store, [make_adata(20, 8, seed=32, prefix="n", batch="b")])  # appends: streams the chunked columns back
+    got = _read(store).obs
+    assert got["label"].iloc[:50].astype(str).tolist() == list(labels.astype(str)) and got["label"].iloc[50:].isna().all()
+    assert got["flag"].iloc[:50].tolist() == list(np.arange(50) % 2 == 0) and got["flag"].iloc[50:].isna().all()

@@ -102,6 +102,54 @@ def test_adopted_categories_stay_first(tmp_path):
     assert list(read_elem(root["obs"])["ct"].cat.categories) == ["z", "a", "b", "m"]
 
 
+def test_a_column_unique_per_cell_is_stored_as_strings(tmp_path, monkeypatch):
+    """A barcode-like column (distinct values past STRINGS_AFTER, most rows distinct) leaves its categories (memory
+    growing with the cells) for strings mid-stream; values, gaps and an always-categorical column survive."""
+    monkeypatch.setattr(obs_stream, "ROW_CHUNK", 16)
+    monkeypatch.setattr(obs_stream, "STRINGS_AFTER", 40)
+    n = 300
+    a = pd.DataFrame(
+        {"barcode": [f"bc{i}" for i in range(n)], "ct": np.where(np.arange(n) % 2, "T", "B"), "batch": [f"b{i}" for i in range(n)]},
+        index=[f"a{i}" for i in range(n)],
+    )  # fmt: skip
+    b = pd.DataFrame({"ct": ["NK"] * 20, "batch": ["z"] * 20}, index=[f"x{i}" for i in range(20)])  # no barcode: gaps
+    root = zarr.open_group(tmp_path / "o.zarr", mode="w", zarr_format=3)
+    writer = obs_stream.ObsWriter(root, categorical=("batch",))
+    for start in range(0, n, 25):
+        writer.append(a.iloc[start : start + 25])
+    col = writer.columns["barcode"]
+    assert col.kind == "str" and col.cats == {}  # switched, categories dropped
+    assert writer.columns["ct"].kind == "text" and writer.columns["batch"].kind == "text"
+    writer.append(b)
+    writer.finish()
+    assert dict(root["obs"]["barcode"].attrs)["encoding-type"] == "nullable-string-array"
+    got = read_elem(root["obs"])
+    assert got["barcode"].astype(object).where(got["barcode"].notna(), None).tolist() == list(a["barcode"]) + [None] * 20
+    assert list(got["ct"].cat.categories) == ["B", "NK", "T"] and got["ct"].tolist() == list(a["ct"]) + ["NK"] * 20
+    assert isinstance(got["batch"].dtype, pd.CategoricalDtype) and len(got["batch"].cat.categories) == n + 1
+    reader = obs_stream.ObsReader(root["obs"])  # the next append reads it back in blocks
+    back = pd.concat([reader.read(s, min(s + 33, n + 20)) for s in range(0, n + 20, 33)])
+    assert back["barcode"].tolist() == list(a["barcode"]) + [None] * 20
+    root2 = zarr.open_group(tmp_path / "p.zarr", mode="w", zarr_format=3)
+    writer = obs_stream.ObsWriter(root2)
+    writer.append(a[["barcode"]])  # no gaps: a plain string-array
+    writer.finish()
+    assert dict(root2["obs"]["barcode"].attrs)["encoding-type"] == "string-array"
+    assert read_elem(root2["obs"])["barcode"].tolist() == list(a["barcode"])
+
+
+def test_text_columns_stage_no_mask(tmp_path):
+    root = zarr.open_group(tmp_path / "o.zarr", mode="w", zarr_format=3)
+    writer = obs_stream.ObsWriter(root)
+    writer.append(pd.DataFrame({"n": [1.0, 2.0], "s": ["a", None]}, index=["x", "y"]))
+    writer.append(pd.DataFrame({"n": ["t", "u"]}, index=["z", "w"]))  # n: number -> text mid-stream
+    assert sorted(k for k in writer.stage.array_keys() if "mask" in k) == []
+    assert writer.columns["n"].mask is None and writer.columns["s"].any_missing
+    writer.finish()
+    got = read_elem(root["obs"])
+    assert got["n"].tolist() == ["1", "2", "t", "u"] and got["s"].astype(object).where(got["s"].notna(), None).tolist() == ["a", None, None, None]
+
+
 @pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
 def test_reader_blocks_equal_anndata_read(tmp_path, fmt):
     rng = np.random.default_rng(1)

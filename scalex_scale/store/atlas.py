@@ -38,15 +38,15 @@ def _zarr_settings():
     return anndata.settings.override(zarr_write_format=3)
 
 
-def write_elem(group: zarr.Group, key: str, value: Any) -> None:
-    """anndata's ``write_elem`` in zarr format 3 (replacing an existing element)."""
+def write_elem(group: zarr.Group, key: str, value: Any, chunks: tuple[int, ...] | None = None) -> None:
+    """anndata's ``write_elem`` in zarr format 3 (replacing an existing element); ``chunks`` of its arrays."""
     from anndata.io import write_elem as _write
 
     if key in group:
         del group[key]
     with _zarr_settings(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*autosharding.*")
-        _write(group, key, value)
+        _write(group, key, value, dataset_kwargs={"chunks": chunks} if chunks else {})
 
 
 def read_elem(elem: Any) -> Any:
@@ -362,7 +362,8 @@ class Atlas:
         return arr
 
     def write_obs_columns(self, columns: dict[str, Any]) -> None:
-        """Add or replace obs columns without reading or rewriting the rest of obs."""
+        """Add or replace obs columns without reading or rewriting the rest of obs (written in chunks of
+        ``ROW_CHUNK`` rows, as ingest writes obs, so a reader of a row block reads only its chunks)."""
         self._require_writable()
         obs = self.root["obs"]
         for name, values in columns.items():
@@ -370,7 +371,7 @@ class Atlas:
                 values = np.asarray(values)
             if values.shape != (self.n_obs,):
                 raise ValueError(f"obs column {name!r} has shape {values.shape}, expected ({self.n_obs},)")
-            write_elem(obs, name, values)
+            write_elem(obs, name, values, chunks=(ROW_CHUNK,))
             order = list(obs.attrs.get("column-order", []))
             if name not in order:
                 obs.attrs["column-order"] = order + [name]

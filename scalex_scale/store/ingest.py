@@ -310,7 +310,7 @@ def append(atlas: Atlas, sources: Sequence[InputSource], options: AppendOptions 
     x = atlas.root["X"]
     data, indices, indptr = Appender(x["data"]), Appender(x["indices"]), Appender(x["indptr"])
     names = _Names(options.allow_duplicates, atlas.path)
-    obs_out = ObsWriter(atlas.root)
+    obs_out = ObsWriter(atlas.root, categorical=("batch",))
     batch_order = _copy_obs(atlas, names, obs_out) if n0 else []
     missing, dropped, added = {}, {}, {}
     records = []

@@ -18,7 +18,11 @@ cheap to keep streaming):
 * text, categorical and any other non-numeric column is stored categorical; a column that is numeric or boolean in
   some rows and text in others becomes text (numbers written as ``str`` of their value);
 * categories: those already in the atlas in their order, then the new ones sorted (``batch``: in the order they
-  appear, as the batch codes are).
+  appear, as the batch codes are);
+* a text column with more than :data:`STRINGS_AFTER` distinct values, most of the rows distinct (a barcode or cell
+  id column), is stored as strings (anndata's ``string-array``, ``nullable-string-array`` with gaps) instead: its
+  categories would take memory that grows with the cells. Columns named in ``ObsWriter(categorical=...)`` stay
+  categorical.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from ._zarr_io import ROW_CHUNK, Appender, create_1d
 
 STAGE = "_obs_stage"
 _STR = np.dtypes.StringDType()
+#: A text column with more distinct values than this (and more than half its rows distinct) is stored as strings.
+STRINGS_AFTER = ROW_CHUNK
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,13 +82,14 @@ class ObsReader:
         self.columns = [str(c) for c in attrs.get("column-order", [])]
         self._index = _Blocked(group[attrs.get("_index", "_index")])
         self.n_obs = int(group[attrs.get("_index", "_index")].shape[0])
-        self._readers: dict[str, Callable[[int, int], Any]] = {c: _column_reader(group[c], c) for c in self.columns}
-        #: Categories of the categorical columns, in their stored order.
-        self.categories = {
-            c: [str(v) for v in _decode(np.asarray(group[c]["categories"][:]))]
+        raw = {
+            c: _decode(np.asarray(group[c]["categories"][:]))
             for c in self.columns
             if dict(group[c].attrs).get("encoding-type") == "categorical"
         }
+        self._readers: dict[str, Callable[[int, int], Any]] = {c: _column_reader(group[c], raw.get(c)) for c in self.columns}
+        #: Categories of the categorical columns, in their stored order.
+        self.categories = {c: [str(v) for v in cats] for c, cats in raw.items()}
 
     def read(self, start: int, stop: int) -> pd.DataFrame:
         index = pd.Index(_decode(self._index(start, stop)), dtype=object)
@@ -93,10 +100,10 @@ class ObsReader:
             yield self.read(start, min(start + rows, self.n_obs))
 
 
-def _column_reader(elem: Any, name: str) -> Callable[[int, int], Any]:
+def _column_reader(elem: Any, categories: np.ndarray | None) -> Callable[[int, int], Any]:
     enc = dict(elem.attrs).get("encoding-type", "array")
     if enc == "categorical":
-        cats = pd.Index(_decode(np.asarray(elem["categories"][:])))
+        cats = pd.Index(categories)
         codes = _Blocked(elem["codes"])
         ordered = bool(elem.attrs.get("ordered", False))
         return lambda a, b: pd.Categorical.from_codes(codes(a, b).astype(np.int64), cats, ordered=ordered)
@@ -130,15 +137,21 @@ def _column_reader(elem: Any, name: str) -> Callable[[int, int], Any]:
 
 
 class _Column:
-    """One obs column being staged: its kind, the staged arrays and (text) its categories."""
+    """One obs column being staged: its kind (``num``, ``bool``, ``text``: category codes, ``str``: strings), the
+    staged values, a missing-mask (not for ``text``: code -1 is missing) and (``text``) its categories."""
 
-    def __init__(self, stage: zarr.Group, key: str, name: str, kind: str, dtype: np.dtype) -> None:
+    def __init__(self, stage: zarr.Group, key: str, name: str, kind: str, dtype: np.dtype, categorical: bool) -> None:
         self.stage, self.key, self.name, self.kind = stage, key, name, kind
+        self.categorical = categorical  # stays categorical however many distinct values it has
         self.version = 0
         self.values = Appender(create_1d(stage, self._vkey(), dtype, chunk=ROW_CHUNK, encoding=False))
-        self.mask = Appender(create_1d(stage, f"{key}.mask", bool, chunk=ROW_CHUNK, encoding=False))
+        self.mask = None if kind == "text" else self._new_mask()
+        self.any_missing = False
         self.cats: dict[str, int] = {}
         self.n_before = 0  # text: categories adopted from the atlas (kept in their order)
+
+    def _new_mask(self) -> Appender:
+        return Appender(create_1d(self.stage, f"{self.key}.mask", bool, chunk=ROW_CHUNK, encoding=False))
 
     def _vkey(self) -> str:
         return f"{self.key}.v{self.version}"
@@ -150,25 +163,40 @@ class _Column:
     def append_missing(self, n: int) -> None:
         if n == 0:
             return
+        self.any_missing = True
         if self.kind == "text":
             self.values.append(np.full(n, -1, np.int32))
-        elif self.kind == "num":
+            return
+        if self.kind == "num":
             if self.values.array.dtype.kind in "iub":
                 self._convert("num", np.dtype(np.float64))
             self.values.append(np.full(n, np.nan))
+        elif self.kind == "str":
+            self.values.append(np.full(n, "", dtype=_STR))
         else:
             self.values.append(np.zeros(n, bool))
         self.mask.append(np.ones(n, bool))
 
     def append(self, values: Any) -> None:
         kind, array, missing = _classify(values)
-        if kind != self.kind and self.kind != "text":
+        if kind != self.kind and self.kind not in ("text", "str"):
             self._convert("text", np.dtype(np.int32))
+        if self.kind in ("text", "str"):
+            text = values if kind == "text" else _as_text(array, missing, kind)
         if self.kind == "text":
-            codes = self._codes(values if kind == "text" else _as_text(array, missing, kind))
+            codes = self._codes(text)
             self.values.append(codes)
-            self.mask.append(codes < 0)
+            self.any_missing |= bool((codes < 0).any())
+            if not self.categorical and len(self.cats) > max(STRINGS_AFTER, self.length // 2):
+                self._to_strings()
             return
+        if self.kind == "str":
+            strings, miss = _strings(text)
+            self.values.append(strings)
+            self.mask.append(miss)
+            self.any_missing |= bool(miss.any())
+            return
+        self.any_missing |= bool(missing.any())
         if self.kind == "num":
             if missing.any() and array.dtype.kind in "iub":
                 array = array.astype(np.float64)
@@ -196,7 +224,8 @@ class _Column:
         return lut[np.where(local < 0, len(uniques), local)]
 
     def _convert(self, kind: str, dtype: np.dtype) -> None:
-        """Rewrite the staged values as ``kind``/``dtype`` (a type change mid-stream; chunk by chunk)."""
+        """Rewrite the staged ``num``/``bool`` values as ``kind``/``dtype`` (a type change mid-stream; chunk by
+        chunk). To ``text``, the mask goes (code -1 says missing)."""
         self.values.flush()
         self.mask.flush()
         old, mask, old_kind = self.values.array, self.mask.array, self.kind
@@ -206,18 +235,40 @@ class _Column:
         for start in range(0, old.shape[0], ROW_CHUNK):
             block, miss = np.asarray(old[start : start + ROW_CHUNK]), np.asarray(mask[start : start + ROW_CHUNK])
             if kind == "text":
-                new.append(self._codes(_as_text(block, miss, old_kind)) if old_kind != "text" else block)
+                new.append(self._codes(_as_text(block, miss, old_kind)))
             else:
                 block = block.astype(dtype)
                 new.append(np.where(miss, np.nan, block) if dtype.kind == "f" else block)
         self.values = new
         del self.stage[f"{self.key}.v{self.version - 1}"]
+        if kind == "text":
+            del self.stage[f"{self.key}.mask"]
+            self.mask = None
+
+    def _to_strings(self) -> None:
+        """Rewrite the staged codes as strings and drop the categories (too many distinct values: see the module
+        docstring); chunk by chunk."""
+        self.values.flush()
+        old, names = self.values.array, np.asarray(list(self.cats), dtype=object)
+        self.version += 1
+        self.kind = "str"
+        self.values = Appender(_string_stage(self.stage, self._vkey()))
+        self.mask = self._new_mask()
+        for start in range(0, old.shape[0], ROW_CHUNK):
+            codes = np.asarray(old[start : start + ROW_CHUNK])
+            miss = codes < 0
+            strings = np.asarray(names[np.where(miss, 0, codes)], dtype=_STR)
+            strings[miss] = ""
+            self.values.append(strings)
+            self.mask.append(miss)
+        self.cats = {}
+        del self.stage[f"{self.key}.v{self.version - 1}"]
 
     def finish(self, obs: zarr.Group, ordered_cats: list[str] | None) -> None:
         self.values.flush()
-        self.mask.flush()
-        values, mask, n = self.values.array, self.mask.array, self.length
-        any_missing = any(np.asarray(mask[s : s + ROW_CHUNK]).any() for s in range(0, n, ROW_CHUNK))
+        if self.mask is not None:
+            self.mask.flush()
+        values = self.values.array
         if self.kind == "text":
             names = list(self.cats)
             order = (
@@ -230,11 +281,15 @@ class _Column:
             group.attrs.update({"encoding-type": "categorical", "encoding-version": "0.2.0", "ordered": False})
             _write_strings(group, "categories", np.asarray(order, dtype=_STR))
             _copy(values, create_1d(group, "codes", np.int32, chunk=ROW_CHUNK), lambda b: lut[b])
-        elif self.kind == "bool" and any_missing:
+        elif self.kind == "str" and not self.any_missing:
+            _copy(values, _string_array(obs, self.name), lambda b: b)
+        elif self.kind in ("bool", "str") and self.any_missing:
             group = obs.create_group(self.name)
-            group.attrs.update({"encoding-type": "nullable-boolean", "encoding-version": "0.1.0"})
-            _copy(values, create_1d(group, "values", bool, chunk=ROW_CHUNK), lambda b: b)
-            _copy(mask, create_1d(group, "mask", bool, chunk=ROW_CHUNK), lambda b: b)
+            enc = "nullable-boolean" if self.kind == "bool" else "nullable-string-array"
+            group.attrs.update({"encoding-type": enc, "encoding-version": "0.1.0"})
+            out = create_1d(group, "values", bool, chunk=ROW_CHUNK) if self.kind == "bool" else _string_array(group, "values")
+            _copy(values, out, lambda b: b)
+            _copy(self.mask.array, create_1d(group, "mask", bool, chunk=ROW_CHUNK), lambda b: b)
         else:
             _copy(values, create_1d(obs, self.name, values.dtype, chunk=ROW_CHUNK), lambda b: b)
 
@@ -265,6 +320,15 @@ def _as_text(array: np.ndarray, missing: np.ndarray, kind: str) -> np.ndarray:
     return np.asarray([None if m else t for t, m in zip(text, missing, strict=True)], dtype=object)
 
 
+def _strings(text: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Text values (a Series, Categorical or object array, ``None``/NaN missing) as strings ("" where missing) and
+    the missing mask."""
+    series = text if isinstance(text, pd.Series) else pd.Series(text, dtype=None if isinstance(text, pd.Categorical) else object)
+    miss = series.isna().to_numpy()
+    strings = np.asarray(series.astype(object).where(~miss, "").astype(str), dtype=_STR)
+    return strings, miss
+
+
 def _copy(src: zarr.Array, dst: zarr.Array, transform: Callable[[np.ndarray], np.ndarray]) -> None:
     out = Appender(dst)
     for start in range(0, src.shape[0], ROW_CHUNK):
@@ -289,16 +353,17 @@ class ObsWriter:
     root
         The writable atlas group (a transaction's private copy: the staging group is removed by :meth:`finish`,
         and an aborted transaction discards it with the copy).
-    category_order
-        Columns whose categories keep a given order (``{"batch": [...]}``), instead of "adopted, then new sorted".
+    categorical
+        Text columns stored categorical however many distinct values they have (e.g. the batch).
     """
 
-    def __init__(self, root: zarr.Group) -> None:
+    def __init__(self, root: zarr.Group, categorical: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.categorical = set(categorical)
         if STAGE in root:
             del root[STAGE]
         self.stage = root.create_group(STAGE)
-        self.index = Appender(self.stage.create_array("index", shape=(0,), chunks=(ROW_CHUNK,), dtype=str))
+        self.index = Appender(_string_stage(self.stage, "index"))
         self.columns: dict[str, _Column] = {}
         self.n = 0
         self._adopted: dict[str, list[str]] = {}
@@ -309,7 +374,7 @@ class ObsWriter:
 
     def _column(self, name: str, kind: str, dtype: np.dtype) -> _Column:
         if name not in self.columns:
-            col = _Column(self.stage, f"c{len(self.columns)}", name, kind, dtype)
+            col = _Column(self.stage, f"c{len(self.columns)}", name, kind, dtype, name in self.categorical)
             for c in self._adopted.get(name, []):
                 col.cats.setdefault(str(c), len(col.cats))
             col.n_before = len(col.cats)
@@ -354,8 +419,12 @@ class ObsWriter:
         del self.root[STAGE]
 
 
+def _string_stage(group: zarr.Group, name: str) -> zarr.Array:
+    return group.create_array(name, shape=(0,), chunks=(ROW_CHUNK,), dtype=str)
+
+
 def _string_array(group: zarr.Group, name: str) -> zarr.Array:
-    arr = group.create_array(name, shape=(0,), chunks=(ROW_CHUNK,), dtype=str)
+    arr = _string_stage(group, name)
     arr.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
     return arr
 
