@@ -123,9 +123,11 @@ def run_ours(n: int, args: argparse.Namespace, work: Path, h5ad: Path | None, t0
 
 
 def repeated(stage: str, stage_args: dict, repeats: int) -> dict:
-    """Run one of our stages ``repeats`` times back to back (each rerun redoes the stage in place on the same store);
-    the row is the run of median wall time (the lower middle one for an even count), with every run's wall time and peak RSS beside it and ``peak_rss_mb``
-    the largest of them (memory is judged on the worst run, time on the typical one). Stops at the first failure."""
+    """Run one of our stages ``repeats`` times back to back (each rerun redoes the stage in place on the same store).
+
+    The row is the run of median wall time (the lower middle one for an even count), with every run's wall time,
+    CPU time, steal share and peak RSS beside it and ``peak_rss_mb`` the largest of them (memory is judged on the
+    worst run, time on the typical one). Stops at the first failure."""
     runs = []
     for _ in range(repeats):
         runs.append(_run_stage(stage, stage_args))

@@ -399,7 +399,10 @@ class ObsWriter:
         self.n += m
 
     def finish(self, category_order: dict[str, list[str]] | None = None) -> None:
-        """Write ``root["obs"]`` (replacing it) from the staged rows and remove the staging group."""
+        """Write ``root["obs"]`` (replacing it) from the staged rows and remove the staging group.
+
+        ``category_order``: columns whose categories keep a given order (``{"batch": [...]}``), instead of
+        "adopted, then new sorted"."""
         category_order = category_order or {}
         self.index.flush()
         if "obs" in self.root:
