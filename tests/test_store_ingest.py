@@ -340,3 +340,27 @@ def test_obs_columns_written_later_are_chunked_like_ingest(tmp_path, monkeypatch
     got = _read(store).obs
     assert got["label"].iloc[:50].astype(str).tolist() == list(labels.astype(str)) and got["label"].iloc[50:].isna().all()
     assert got["flag"].iloc[:50].tolist() == list(np.arange(50) % 2 == 0) and got["flag"].iloc[50:].isna().all()
+
+
+def test_a_strings_column_of_the_atlas_stays_strings_on_append(tmp_path, monkeypatch):
+    """A column the atlas stores as strings (a barcode column, past STRINGS_AFTER distinct values) is streamed back
+    by the next append as strings from its first row: no detour through a category dict (which grows with the cells)
+    and no switch mid-stream; the new file's values follow."""
+    from scalex_scale.store import obs_stream
+
+    monkeypatch.setattr(obs_stream, "STRINGS_AFTER", 8)
+    a = make_adata(40, 8, seed=41, batch="a")
+    a.obs["barcode"] = [f"bc{i}" for i in range(40)]
+    store = tmp_path / "s"
+    ingest(store, [a], chunk_rows=10)
+    assert dict(zarr.open_group(store / "obs", mode="r")["barcode"].attrs)["encoding-type"] == "string-array"
+    switches = []
+    real = obs_stream._Column._to_strings
+    monkeypatch.setattr(obs_stream._Column, "_to_strings", lambda self: (switches.append(self.name), real(self))[1])
+    b = make_adata(12, 8, seed=42, prefix="n", batch="b")
+    b.obs["barcode"] = [f"nb{i}" for i in range(12)]
+    ingest(store, [b], chunk_rows=5)
+    assert switches == []  # started as strings: never coded through categories
+    got = _read(store).obs
+    assert got["barcode"].tolist() == list(a.obs["barcode"]) + list(b.obs["barcode"])
+    assert dict(zarr.open_group(store / "obs", mode="r")["barcode"].attrs)["encoding-type"] == "string-array"

@@ -391,6 +391,7 @@ def _copy_obs(atlas: Atlas, names: _Names, out: ObsWriter) -> list[str]:
     batch categories in their stored order."""
     reader = ObsReader(atlas.root["obs"])
     out.adopt_categories(reader.categories)
+    out.adopt_strings(reader.strings)
     for block in reader.blocks():
         names.add_existing(block.index, np.asarray(block["batch"]).astype(str))
         out.append(block)

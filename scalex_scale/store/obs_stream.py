@@ -90,6 +90,9 @@ class ObsReader:
         self._readers: dict[str, Callable[[int, int], Any]] = {c: _column_reader(group[c], raw.get(c)) for c in self.columns}
         #: Categories of the categorical columns, in their stored order.
         self.categories = {c: [str(v) for v in cats] for c, cats in raw.items()}
+        #: Columns stored as strings (string-array, nullable-string-array).
+        self.strings = [c for c in self.columns
+                        if dict(group[c].attrs).get("encoding-type") in ("string-array", "nullable-string-array")]
 
     def read(self, start: int, stop: int) -> pd.DataFrame:
         index = pd.Index(_decode(self._index(start, stop)), dtype=object)
@@ -144,7 +147,10 @@ class _Column:
         self.stage, self.key, self.name, self.kind = stage, key, name, kind
         self.categorical = categorical  # stays categorical however many distinct values it has
         self.version = 0
-        self.values = Appender(create_1d(stage, self._vkey(), dtype, chunk=ROW_CHUNK, encoding=False))
+        if kind == "str":
+            self.values = Appender(_string_stage(stage, self._vkey()))
+        else:
+            self.values = Appender(create_1d(stage, self._vkey(), dtype, chunk=ROW_CHUNK, encoding=False))
         self.mask = None if kind == "text" else self._new_mask()
         self.any_missing = False
         self.cats: dict[str, int] = {}
@@ -367,13 +373,20 @@ class ObsWriter:
         self.columns: dict[str, _Column] = {}
         self.n = 0
         self._adopted: dict[str, list[str]] = {}
+        self._strings: set[str] = set()
 
     def adopt_categories(self, categories: dict[str, list[str]]) -> None:
         """Text columns that start with these categories (the atlas' own: kept first, in their order)."""
         self._adopted.update(categories)
 
+    def adopt_strings(self, names: Any) -> None:
+        """Text columns that start as strings (the atlas stores them so: no detour through categories)."""
+        self._strings.update(str(n) for n in names)
+
     def _column(self, name: str, kind: str, dtype: np.dtype) -> _Column:
         if name not in self.columns:
+            if kind == "text" and name in self._strings and name not in self.categorical:
+                kind = "str"
             col = _Column(self.stage, f"c{len(self.columns)}", name, kind, dtype, name in self.categorical)
             for c in self._adopted.get(name, []):
                 col.cats.setdefault(str(c), len(col.cats))
