@@ -9,7 +9,10 @@ Usage (our venv)::
     python bench/annotation_real.py --scvi                   # also the scVI peer row (bench/.scvi-venv, see below)
 
 The committed results: ``--groups main,loto,default,nostop --default-seeds kang_ctrl_to_stim:0,1,2 --scvi`` (seeds
-0,1,2; the default group seed 0 only except Kang, 3 seeds; nostop seed 0 only), one training process at a time (two at most).
+0,1,2; the default group seed 0 only except Kang; nostop seed 0 only), then ``--groups main,loto,default --seeds 3,4
+--default-seeds kang_ctrl_to_stim:3,4,5`` (fresh trainings, no scVI), scored together with ``--seeds 0,1,2,3,4
+--default-seeds kang_ctrl_to_stim:0,1,2,3,4,5 --seed-sets '0,1,2;3,4,5' --retransfer``; one training process at a
+time (two at most). ``--seed-sets`` also scores each set of seeds alone (``summary.by_seed_set``).
 
 For every split: the reference batches are ingested, preprocessed, trained and embedded (``api.ingest``,
 ``api.preprocess``, ``api.fit``, ``api.embed``) in a fresh process with one torch thread; the query batches are then
@@ -533,6 +536,33 @@ def targets(summary: dict) -> dict:
             "loto_not_absorbed_cases": pooled([c for c in cases if c["absorbed_by_sibling"] is False])}
 
 
+def by_seed_set(rows: list[dict], sets: list[list[int]]) -> dict:
+    """The targets over each set of seeds alone (e.g. the seeds a setting was chosen on, then fresh trainings):
+    splits (main and default groups) whose mean unassigned share is > 5% or that miss the better kNN by > 0.01,
+    and the pooled leave-one-type-out row."""
+    out = {}
+    for seeds in sets:
+        sub = summarize([r for r in rows if r["seed"] in seeds])
+        splits = {k: e for k, e in sub.items() if k not in ("loto", "targets") and e["group"] in ("main", "default")}
+        out[",".join(map(str, seeds))] = {
+            "unassigned_gt_5pct": {k: e["transfer"]["unassigned"] for k, e in splits.items() if not e["target"]["unassigned_le_5pct"]},
+            "not_within_0.01": sorted(k for k, e in splits.items() if e["target"].get("within_0.01") is False),
+            "n_runs": sum(1 for r in rows if r["seed"] in seeds), "loto_all_cases": sub["targets"]["loto_all_cases"]}
+    return out
+
+
+def seed_set_table(sets: dict) -> str:
+    lines = ["| seeds | runs | splits unassigned > 5% (all types in the reference) | splits > 0.01 below the better kNN "
+             "| leave-one-type-out: T unassigned median (cases >= 70%) / others median (cases <= 5%) |", "|---|---|---|---|---|"]
+    for key, e in sets.items():
+        lo = e["loto_all_cases"]
+        over = ", ".join(f"{k} {100 * v:.1f}%" for k, v in e["unassigned_gt_5pct"].items()) or "none"
+        lines.append(f"| {key} | {e['n_runs']} | {over} | {', '.join(e['not_within_0.01']) or 'none'} "
+                     f"| {100 * lo['median_type_unassigned']:.0f}% ({lo['cases_type_ge_70pct']} of {lo['n_cases']}) / "
+                     f"{100 * lo['median_others_unassigned']:.1f}% ({lo['cases_others_le_5pct']} of {lo['n_cases']}) |")
+    return "\n".join(lines)
+
+
 def csv_rows(rows: list[dict]) -> pd.DataFrame:
     flat = []
     for r in rows:
@@ -569,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true", help="score what is cached; train nothing")
     p.add_argument("--scvi", action="store_true", help="also run the scVI peer row (needs bench/.scvi-venv)")
     p.add_argument("--out", default=None)
+    p.add_argument("--seed-sets", default="", help="';'-separated seed sets scored apart as well, e.g. '0,1,2;3,4,5'")
     a = p.parse_args(argv)
     if a.cmd == "_train":
         cmd_train(a)
@@ -617,6 +648,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAILED {s.id} seed {sd}: {e}", flush=True)
     rows = [r for s, sd, it in jobs if (r := score(work, s, sd, it, a.retransfer)) is not None]
     summary = summarize(rows)
+    if a.seed_sets:
+        summary["by_seed_set"] = by_seed_set(rows, [[int(x) for x in part.split(",") if x] for part in a.seed_sets.split(";")])
     payload = {
         "description": __doc__.split("\n\n")[2].strip(),
         "settings": {"iterations": a.iterations, "default_iterations": a.default_iterations, "seeds": seeds,
@@ -629,8 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out) if a.out else results_dir() / "annotation_real.json"
     write_json(out, payload)
     csv_rows(rows).to_csv(out.with_suffix(".csv"), index=False)
+    tables = readme_table(summary) + ("\n\n" + seed_set_table(summary["by_seed_set"]) if "by_seed_set" in summary else "")
     print(format_table(summary))
-    (out.with_suffix(".md")).write_text(readme_table(summary) + "\n")
+    (out.with_suffix(".md")).write_text(tables + "\n")
     print(f"wrote {out} (+ .csv, .md: the README table)")
     return 0
 
@@ -648,7 +682,7 @@ def format_table(summary: dict) -> str:
     lines = ["| split | iterations | transfer ARI / F1 (unassigned) | kNN5 | kNN30 | scVI kNN5 | scVI kNN30 |",
              "|---|---|---|---|---|---|---|"]
     for key, e in summary.items():
-        if key in ("loto", "targets"):
+        if key in ("loto", "targets", "by_seed_set"):
             continue
         tag = (" (tuning)" if e["tuning"] else "") + (f" [{e['group']}]" if e["group"] not in ("main", "default") else "")
         lines.append(f"| {e['split']}{tag} | {e['iterations']:,} | {_fmt(e, 'transfer')} | {_fmt(e, 'knn5')} | {_fmt(e, 'knn30')} "
@@ -681,7 +715,7 @@ def readme_table(summary: dict) -> str:
         return f"{max(e[a]['ARI'], e[b]['ARI']):.3f} / {max(e[a]['f1_macro'], e[b]['f1_macro']):.3f}"
 
     for key, e in summary.items():
-        if key in ("loto", "targets") or e["group"] not in ("main", "default"):
+        if key in ("loto", "targets", "by_seed_set") or e["group"] not in ("main", "default"):
             continue
         t = e["transfer"]
         role = ("tuning" if e["tuning"] else "held out") + (f", {e['iterations']:,} it" if e["group"] == "default" else "")

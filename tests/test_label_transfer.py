@@ -113,6 +113,32 @@ def test_novel_group_between_two_reference_types_is_unassigned(seed):
     assert np.mean(res.labels[~novel] == "unassigned") <= 0.02
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_neighbourhood_vote_calls_a_group_together(seed):
+    """A novel type near one reference type (30% of the way to another, off their axis): the per-cell rule catches
+    only 71-82% of it; the neighbourhood vote calls the group together (the cells it missed are surrounded by
+    novel cells). Nearer still (25%), where the per-cell rule catches under half, the vote keeps the group assigned
+    (fewer calls). Known types stay assigned either way."""
+
+    def shares(frac: float, vote: float | None) -> tuple[float, float]:
+        rng = np.random.default_rng(seed)
+        centers = 8.0 * np.eye(7, 10)
+        centers[6] = (1.0 - frac) * centers[0] + frac * centers[1]
+        centers[6, 7] = 3.0
+        rt, qt = rng.integers(0, 6, 3000), rng.integers(0, 7, 2100)
+        ref = (centers[rt] + rng.normal(0.0, 1.0, (3000, 10))).astype(np.float32)
+        query = (centers[qt] + rng.normal(0.0, 1.0, (2100, 10)) + rng.normal(0.0, 0.3, 10)).astype(np.float32)
+        res = transfer_labels(ref, NAMES[rt], query, TransferConfig(novelty_vote=vote))
+        novel = qt == 6
+        return float(np.mean(res.novel[novel])), float(np.mean(res.novel[~novel]))
+
+    (cell_t, cell_o), (vote_t, vote_o) = shares(0.3, None), shares(0.3, 0.5)
+    assert 0.5 < cell_t < 0.9 and vote_t >= cell_t + 0.05 and vote_t >= 0.8
+    assert max(cell_o, vote_o) <= 0.01
+    (cell_t, _), (vote_t, vote_o) = shares(0.25, None), shares(0.25, 0.5)
+    assert cell_t < 0.5 and vote_t < cell_t and vote_o <= 0.01
+
+
 def test_vote_alone_cannot_reject_absent_type(data):
     """Without the novelty call the unknown cluster is confidently given a reference label."""
     ref, ref_lab, ref_b, query, query_lab = data
@@ -180,7 +206,7 @@ def test_min_vote_fraction_and_unassigned_name(data):
 @pytest.mark.parametrize(
     "bad",
     [{"min_vote_fraction": 1.5}, {"k": 0}, {"k_choices": ()}, {"weighting": "cosine"}, {"novelty_cutoff": 0},
-     {"novelty_mixing": -1.0}, {"query_quantile": 0.0}, {"anchor_share": 0.0}, {"max_folds": 1}, {"prototypes": 0}, {"prototype_neighbours": 40}],
+     {"novelty_mixing": -1.0}, {"query_quantile": 0.0}, {"anchor_share": 0.0}, {"novelty_vote": 1.0}, {"novelty_vote": -0.1}, {"max_folds": 1}, {"prototypes": 0}, {"prototype_neighbours": 40}],
 )  # fmt: skip
 def test_config_validation(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
