@@ -455,6 +455,7 @@ def score(work: Path, s: Split, seed: int, iterations: int, retransfer: bool) ->
 
 
 METHODS = ("transfer", "knn5", "knn30", "scvi_knn5", "scvi_knn30")
+NOT_SPLITS = ("loto", "targets", "by_seed_set")  # summary keys that are not per-split entries
 METRICS = ("ARI", "NMI", "f1_macro", "accuracy", "unassigned")
 
 
@@ -514,7 +515,7 @@ def targets(summary: dict) -> dict:
     default transfer is within 0.01 of max(kNN5, kNN30) on ARI and macro-F1 and unassigned <= 5% (every query type is
     in the reference on every split); leave-one-type-out pooled over all datasets (median >= 70% of T unassigned at
     <= 5% of the others), and the same on the held-out (non-tuning) cases only."""
-    main = {k: e for k, e in summary.items() if k not in ("loto", "targets") and e["group"] == "main"}
+    main = {k: e for k, e in summary.items() if k not in NOT_SPLITS and e["group"] == "main"}
     near = {k: e["target"].get("within_0.01") for k, e in main.items() if "within_0.01" in e["target"]}
     unas = {k: e["target"]["unassigned_le_5pct"] for k, e in main.items()}
     cases = [c for ds, e in summary.get("loto", {}).items() if "@" not in ds for c in e["cases"]]
@@ -542,12 +543,13 @@ def by_seed_set(rows: list[dict], sets: list[list[int]]) -> dict:
     and the pooled leave-one-type-out row."""
     out = {}
     for seeds in sets:
-        sub = summarize([r for r in rows if r["seed"] in seeds])
-        splits = {k: e for k, e in sub.items() if k not in ("loto", "targets") and e["group"] in ("main", "default")}
+        chosen = [r for r in rows if r["seed"] in seeds]
+        sub = summarize(chosen)
+        splits = {k: e for k, e in sub.items() if k not in NOT_SPLITS and e["group"] in ("main", "default")}
         out[",".join(map(str, seeds))] = {
             "unassigned_gt_5pct": {k: e["transfer"]["unassigned"] for k, e in splits.items() if not e["target"]["unassigned_le_5pct"]},
             "not_within_0.01": sorted(k for k, e in splits.items() if e["target"].get("within_0.01") is False),
-            "n_runs": sum(1 for r in rows if r["seed"] in seeds), "loto_all_cases": sub["targets"]["loto_all_cases"]}
+            "n_runs": len(chosen), "loto_all_cases": sub["targets"]["loto_all_cases"]}
     return out
 
 
@@ -682,7 +684,7 @@ def format_table(summary: dict) -> str:
     lines = ["| split | iterations | transfer ARI / F1 (unassigned) | kNN5 | kNN30 | scVI kNN5 | scVI kNN30 |",
              "|---|---|---|---|---|---|---|"]
     for key, e in summary.items():
-        if key in ("loto", "targets", "by_seed_set"):
+        if key in NOT_SPLITS:
             continue
         tag = (" (tuning)" if e["tuning"] else "") + (f" [{e['group']}]" if e["group"] not in ("main", "default") else "")
         lines.append(f"| {e['split']}{tag} | {e['iterations']:,} | {_fmt(e, 'transfer')} | {_fmt(e, 'knn5')} | {_fmt(e, 'knn30')} "
@@ -715,7 +717,7 @@ def readme_table(summary: dict) -> str:
         return f"{max(e[a]['ARI'], e[b]['ARI']):.3f} / {max(e[a]['f1_macro'], e[b]['f1_macro']):.3f}"
 
     for key, e in summary.items():
-        if key in ("loto", "targets", "by_seed_set") or e["group"] not in ("main", "default"):
+        if key in NOT_SPLITS or e["group"] not in ("main", "default"):
             continue
         t = e["transfer"]
         role = ("tuning" if e["tuning"] else "held out") + (f", {e['iterations']:,} it" if e["group"] == "default" else "")

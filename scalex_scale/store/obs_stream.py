@@ -82,17 +82,13 @@ class ObsReader:
         self.columns = [str(c) for c in attrs.get("column-order", [])]
         self._index = _Blocked(group[attrs.get("_index", "_index")])
         self.n_obs = int(group[attrs.get("_index", "_index")].shape[0])
-        raw = {
-            c: _decode(np.asarray(group[c]["categories"][:]))
-            for c in self.columns
-            if dict(group[c].attrs).get("encoding-type") == "categorical"
-        }
+        encoding = {c: dict(group[c].attrs).get("encoding-type") for c in self.columns}
+        raw = {c: _decode(np.asarray(group[c]["categories"][:])) for c in self.columns if encoding[c] == "categorical"}
         self._readers: dict[str, Callable[[int, int], Any]] = {c: _column_reader(group[c], raw.get(c)) for c in self.columns}
         #: Categories of the categorical columns, in their stored order.
         self.categories = {c: [str(v) for v in cats] for c, cats in raw.items()}
         #: Columns stored as strings (string-array, nullable-string-array).
-        self.strings = [c for c in self.columns
-                        if dict(group[c].attrs).get("encoding-type") in ("string-array", "nullable-string-array")]
+        self.strings = [c for c in self.columns if encoding[c] in ("string-array", "nullable-string-array")]
 
     def read(self, start: int, stop: int) -> pd.DataFrame:
         index = pd.Index(_decode(self._index(start, stop)), dtype=object)
