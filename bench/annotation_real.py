@@ -579,7 +579,7 @@ def csv_rows(rows: list[dict]) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd")
     t = sub.add_parser("_train", help="internal: one training + projection")
     for k in ("--ref", "--query", "--query-batches", "--outdir"):
