@@ -89,6 +89,7 @@ _TRAIN_FIELDS = {
     "batch_size": "cells per mini-batch (per rank with --distributed)",
     "lr": "Adam learning rate",
     "patience": "epochs without a better loss before early stopping",
+    "dsbn_singleton": "a batch's lone cell of a domain passes DSBN unchanged (the reference) or uses running statistics",
     "device": "where to train",
     "precision": "fp32, or bf16 autocast (CUDA, or a CPU with bf16)",
     "seed": "seed of the weights and the batch order",

@@ -356,13 +356,15 @@ def test_sync_dsbn_without_process_group_is_plain_dsbn() -> None:
 def test_ddp_with_sync_dsbn_gradients_equal_one_process(suite: list[dict[str, Any]]) -> None:
     net = TinyDSBNNet()
     net.dsbn.sync = True  # no process group here: plain DSBN on the whole batch
+    # the singleton rule (passthrough) counts the GLOBAL batch: domain 2 has one row (rank 0), domain 3 one row on
+    # rank 0 but three in all (normalized, not passed through). float32 sums in another order: tolerance 2e-5
     net(*tiny_batch()).backward()
     for r in suite:
         assert r["ddp.dsbn_sync"] is True
         for name, p in net.named_parameters():
-            torch.testing.assert_close(r[f"ddp.grad.{name}"], p.grad, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(r[f"ddp.grad.{name}"], p.grad, atol=2e-5, rtol=1e-4)
         for name, b in net.named_buffers():
-            torch.testing.assert_close(r[f"ddp.buffer.{name}"], b, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(r[f"ddp.buffer.{name}"], b, atol=2e-5, rtol=1e-4)
 
 
 # =============================================================================== (b) sharding

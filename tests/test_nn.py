@@ -72,16 +72,59 @@ def test_dsbn_eval_uses_running_stats_without_updating() -> None:
     assert torch.equal(layer.running_mean, rm) and torch.equal(layer.running_var, rv)
 
 
-def test_dsbn_singleton_domain_uses_running_stats() -> None:
+def _singleton_case() -> tuple[torch.Tensor, torch.Tensor]:
     x, _ = _batch(n=9)
-    domain = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])  # domain 2 has one row
-    layer = DSBN(N_FEATURES, N_DOMAINS)
+    return x.requires_grad_(True), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])  # domain 2 has one row
+
+
+def _trained_layer(singleton: str) -> DSBN:
+    layer = DSBN(N_FEATURES, N_DOMAINS, singleton=singleton)
     with torch.no_grad():
         layer.running_mean[2] = 0.25
         layer.running_var[2] = 4.0
+        layer.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
+        layer.bias.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(2))
+    return layer
+
+
+def test_dsbn_singleton_passes_through_by_default() -> None:
+    """The reference package's rule: a domain's lone row in a training batch leaves the layer unchanged, its
+    gradient goes straight to the input, and the domain's affine and running statistics are untouched."""
+    assert DSBN(N_FEATURES, N_DOMAINS).singleton == "passthrough"
+    x, domain = _singleton_case()
+    layer = _trained_layer("passthrough")
+    running = _trained_layer("running")
     out = layer(x, domain)
-    torch.testing.assert_close(out[8], (x[8] - 0.25) / torch.sqrt(torch.tensor(4.0 + layer.eps)))
+    assert torch.equal(out[8], x[8])
+    torch.testing.assert_close(out[:8], running(x, domain)[:8])  # the other rows as the kernel gives them
     assert torch.all(layer.running_mean[2] == 0.25) and torch.all(layer.running_var[2] == 4.0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    out.backward(g)
+    assert torch.equal(x.grad[8], g[8])
+    assert torch.count_nonzero(layer.weight.grad[2]) == 0 and torch.count_nonzero(layer.bias.grad[2]) == 0
+    assert torch.count_nonzero(layer.weight.grad[:2]) > 0
+    layer.eval()  # eval: every row, the lone one too, normalized with the running statistics
+    expected = (x[8] - 0.25) / torch.sqrt(torch.tensor(4.0 + layer.eps)) * layer.weight[2] + layer.bias[2]
+    torch.testing.assert_close(layer(x, domain)[8], expected)
+
+
+def test_dsbn_singleton_running_rule() -> None:
+    x, domain = _singleton_case()
+    layer = _trained_layer("running")
+    out = layer(x, domain)
+    xhat = (x[8] - 0.25) / torch.sqrt(torch.tensor(4.0 + layer.eps))
+    torch.testing.assert_close(out[8], xhat * layer.weight[2] + layer.bias[2])
+    assert torch.all(layer.running_mean[2] == 0.25) and torch.all(layer.running_var[2] == 4.0)
+    out.sum().backward()
+    assert torch.count_nonzero(layer.bias.grad[2]) == N_FEATURES
+
+
+def test_dsbn_without_singletons_the_rules_agree_bit_for_bit() -> None:
+    x, domain = _batch()
+    a, b = _trained_layer("passthrough"), _trained_layer("running")
+    assert torch.equal(a(x, domain), b(x, domain))
+    with pytest.raises(ValueError, match="singleton"):
+        DSBN(N_FEATURES, N_DOMAINS, singleton="skip")
 
 
 # ------------------------------------------------------------------------------ VAE

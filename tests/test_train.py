@@ -104,6 +104,7 @@ def test_config_defaults_match_scalex() -> None:
     cfg = TrainConfig()
     assert (cfg.max_iterations, cfg.batch_size, cfg.lr, cfg.weight_decay) == (30000, 64, 2e-4, 5e-4)
     assert (cfg.patience, cfg.kl_weight, cfg.device, cfg.precision) == (10, 0.5, "auto", "fp32")
+    assert cfg.dsbn_singleton == "passthrough"  # the reference package's DSBN rule for a domain's lone row
 
 
 def test_config_json_roundtrip() -> None:
@@ -146,6 +147,7 @@ def test_config_loader_field_roundtrip_and_rules() -> None:
         ({"precision": "fp16"}, "precision"),
         ({"device": "tpu"}, "device"),
         ({"batch_size": 1}, "batch_size"),
+        ({"dsbn_singleton": "skip"}, "dsbn_singleton"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, object], match: str) -> None:

@@ -91,6 +91,24 @@ def test_project_refuses_an_existing_batch_name(data, tmp_path):
     shutil.rmtree(tmp_path / "run")
 
 
+@pytest.mark.parametrize("rule", ["passthrough", "running"])
+def test_fit_trains_with_the_configured_dsbn_singleton_rule(data, tmp_path, monkeypatch, rule):
+    import scalex_scale.nn as nn_pkg
+
+    seen = []
+
+    class Recording(nn_pkg.SCALEXModule):
+        def forward(self, *args, **kwargs):
+            seen.append(self.dsbn.singleton)
+            return super().forward(*args, **kwargs)
+
+    monkeypatch.setattr(nn_pkg, "SCALEXModule", Recording)
+    ref = data[data.obs["batch"].isin(sorted(data.obs["batch"].unique())[:2])].copy()
+    train = TrainConfig(max_iterations=3, progress=False, seed=1, device="cpu", dsbn_singleton=rule)
+    ss.integrate([ref], tmp_path / "run", batch_key="batch", train=train, min_features=50, n_top_features=100)
+    assert seen and set(seen) == {rule}
+
+
 def test_cli_options_come_from_the_config_dataclasses(capsys):
     from scalex_scale.cli import _preprocess_kwargs, _train_config, build_parser
     from scalex_scale.preprocessing import PreprocessConfig
@@ -99,6 +117,7 @@ def test_cli_options_come_from_the_config_dataclasses(capsys):
     assert _train_config(parser.parse_args(["fit", "a.zarr", "m"])) == TrainConfig()  # defaults: the dataclass'
     cfg = _train_config(parser.parse_args(["fit", "a.zarr", "m", "--lr", "1e-3", "--patience", "3", "--no-progress"]))
     assert (cfg.lr, cfg.patience, cfg.progress) == (1e-3, 3, False)
+    assert _train_config(parser.parse_args(["fit", "a.zarr", "m", "--dsbn-singleton", "running"])).dsbn_singleton == "running"
     kwargs = _preprocess_kwargs(parser.parse_args(["preprocess", "a.zarr"]))
     assert kwargs.pop("scheduler") is None and kwargs.pop("profile") is None
     assert PreprocessConfig(**kwargs) == PreprocessConfig()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalex_scale.nn.dsbn import DSBN, Backend
+from scalex_scale.nn.dsbn import DSBN, Backend, Singleton
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,9 @@ class SCALEXModule(nn.Module):
         Kernel backend of the DSBN layer (``"auto" | "torch" | "triton"``).
     dsbn_momentum, dsbn_eps
         DSBN running-statistics momentum and variance epsilon.
+    dsbn_singleton
+        The DSBN layer's rule for a domain with one row in a training mini-batch (``"passthrough"``, the
+        reference package's, or ``"running"``; see :class:`~scalex_scale.nn.DSBN`). Training only.
     seed
         Seed of a private CPU generator used to initialize the weights when ``generator`` is None.
     generator
@@ -77,6 +80,7 @@ class SCALEXModule(nn.Module):
         dsbn_backend: Backend = "auto",
         dsbn_momentum: float = 0.1,
         dsbn_eps: float = 1e-5,
+        dsbn_singleton: Singleton = "passthrough",
         seed: int = 0,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -109,6 +113,7 @@ class SCALEXModule(nn.Module):
             momentum=dsbn_momentum,
             eps=dsbn_eps,
             backend=dsbn_backend,
+            singleton=dsbn_singleton,
         )
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(int(seed))

@@ -86,7 +86,7 @@ def fit(
             fingerprint = {k: model_config[k] for k in ("var_names", "domains", "train_id")}
             check_resumable(model_dir, {**fingerprint, "batch_size": config.batch_size})
         # the domain count comes from the training matrix' owner (store.training), one DSBN branch per batch
-        module = SCALEXModule(state.n_features, source.n_domains, seed=config.seed)
+        module = SCALEXModule(state.n_features, source.n_domains, seed=config.seed, dsbn_singleton=config.dsbn_singleton)
 
         def record(result: Any, world_size: int) -> None:
             _record_model(store, model_dir, result, prep.get("train_id"), world_size)
