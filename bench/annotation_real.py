@@ -12,7 +12,13 @@ The committed results: ``--groups main,loto,default,nostop --default-seeds kang_
 0,1,2; the default group seed 0 only except Kang; nostop seed 0 only), then ``--groups main,loto,default --seeds 3,4
 --default-seeds kang_ctrl_to_stim:3,4,5`` (fresh trainings, no scVI), scored together with ``--seeds 0,1,2,3,4
 --default-seeds kang_ctrl_to_stim:0,1,2,3,4,5 --seed-sets '0,1,2;3,4,5' --retransfer``; one training process at a
-time (two at most). ``--seed-sets`` also scores each set of seeds alone (``summary.by_seed_set``).
+time (two at most). ``--seed-sets`` also scores each set of seeds alone (``summary.by_seed_set``). Those runs are in
+``bench/results/amd-epyc-2c/``. After the DSBN singleton rule changed (2026-12-02: the reference package's
+passthrough), the runs it changes were trained again (OneK1K, Baron human -> mouse, and the 4 CellBench runs whose
+training batches held a domain's lone cell: an exact replay of every other run's training loader found none, so those
+train bit for bit as before) and scored with the other runs' rows kept: ``--keep-rows-from
+bench/results/amd-epyc-2c/annotation_real.json --drop-groups nostop,nostop_loto`` (payload ``kept_rows``; results in
+``bench/results/<this machine>/``).
 
 For every split: the reference batches are ingested, preprocessed, trained and embedded (``api.ingest``,
 ``api.preprocess``, ``api.fit``, ``api.embed``) in a fresh process with one torch thread; the query batches are then
@@ -537,6 +543,30 @@ def targets(summary: dict) -> dict:
             "loto_not_absorbed_cases": pooled([c for c in cases if c["absorbed_by_sibling"] is False])}
 
 
+def keep_rows(path: Path, rows: list[dict], drop_groups: set[str]) -> dict:
+    """The per-run rows of an earlier results file that ``rows`` (scored now) does not replace, minus
+    ``drop_groups``; with where they come from (that file's git commit) and which splits were scored now."""
+    old = json.loads(path.read_text())
+    key = lambda r: (r["split"], r["seed"], r["iterations"], r["group"])  # noqa: E731
+    now = {key(r) for r in rows}
+    keep = [r for r in old["per_run"] if key(r) not in now and r["group"] not in drop_groups]
+    # a run scored now without the scVI peer (no --scvi) takes the earlier file's scVI row of the same run: scVI is
+    # trained on the same HVGs and cells (our preprocessing), so a change to our model or transfer leaves it as it was
+    by_key = {key(r): r for r in old["per_run"]}
+    n_scvi = 0
+    for r in rows:
+        prev = by_key.get(key(r), {})
+        if "scvi_run" not in r and "scvi_run" in prev:
+            r.update({k: v for k, v in prev.items() if k.startswith("scvi_")})
+            r["scvi_from"] = old.get("git_commit")
+            n_scvi += 1
+    return {"rows": keep, "from": str(path), "from_git_commit": old.get("git_commit"), "n_kept": len(keep),
+            "n_scvi_rows_taken": n_scvi,
+            "n_scored_now": len(rows), "scored_now": sorted({r["split"] for r in rows}),
+            "dropped_groups": sorted(drop_groups),
+            "n_dropped": sum(1 for r in old["per_run"] if key(r) not in now and r["group"] in drop_groups)}
+
+
 def by_seed_set(rows: list[dict], sets: list[list[int]]) -> dict:
     """The targets over each set of seeds alone (e.g. the seeds a setting was chosen on, then fresh trainings):
     splits (main and default groups) whose mean unassigned share is > 5% or that miss the better kNN by > 0.01,
@@ -602,6 +632,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scvi", action="store_true", help="also run the scVI peer row (needs bench/.scvi-venv)")
     p.add_argument("--out", default=None)
     p.add_argument("--seed-sets", default="", help="';'-separated seed sets scored apart as well, e.g. '0,1,2;3,4,5'")
+    p.add_argument("--keep-rows-from", default=None, metavar="JSON",
+                   help="an earlier annotation_real.json: its per-run rows of (split, seed, iterations, group) that this "
+                        "invocation does not score are kept (trained by that file's code: payload 'kept_rows' says which)")
+    p.add_argument("--drop-groups", default="", help="with --keep-rows-from: groups of its rows not to keep")
     a = p.parse_args(argv)
     if a.cmd == "_train":
         cmd_train(a)
@@ -649,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - report and go on with the other splits
                 print(f"FAILED {s.id} seed {sd}: {e}", flush=True)
     rows = [r for s, sd, it in jobs if (r := score(work, s, sd, it, a.retransfer)) is not None]
+    kept = keep_rows(Path(a.keep_rows_from), rows, set(filter(None, a.drop_groups.split(",")))) if a.keep_rows_from else None
+    if kept:
+        rows += kept["rows"]
     summary = summarize(rows)
     if a.seed_sets:
         summary["by_seed_set"] = by_seed_set(rows, [[int(x) for x in part.split(",") if x] for part in a.seed_sets.split(";")])
@@ -658,9 +695,11 @@ def main(argv: list[str] | None = None) -> int:
                      "loto_seeds": loto_seeds, "datasets": {k: asdict(v) for k, v in DATASETS.items()},
                      "torch_threads_per_run": 1, "transfer": "api.transfer defaults (TransferConfig())"},
         "splits": [asdict(s) for s in base],
-        "harness_data_notes": {ds: json.loads(prepared(work, ds).uns["harness"]) for ds in sorted({s.dataset for s, _, _ in jobs})},
+        "harness_data_notes": {ds: json.loads(prepared(work, ds).uns["harness"]) for ds in sorted({r["dataset"] for r in rows})},
         "summary": summary, "per_run": rows,
     }
+    if kept:
+        payload["kept_rows"] = {k: v for k, v in kept.items() if k != "rows"}
     out = Path(a.out) if a.out else results_dir() / "annotation_real.json"
     write_json(out, payload)
     csv_rows(rows).to_csv(out.with_suffix(".csv"), index=False)

@@ -83,7 +83,8 @@ def dsbn(
     Training: a domain with >= ``MIN_ROWS_FOR_BATCH_STATS`` (2) rows uses its mini-batch mean and biased variance
     and updates its running statistics. SINGLETON RULE: a domain with exactly one row is normalized with its running
     statistics (then its weight/bias) and its running statistics are not updated. Absent domains keep their running statistics.
-    Eval: running statistics for every row.
+    Eval: running statistics for every row. (The model's default rule for singletons, the reference package's
+    passthrough, is applied over this by :class:`scalex_scale.nn.DSBN`.)
     """
     check_dsbn_inputs(x, domain, weight, bias, running_mean, running_var, momentum, eps)
     if resolve_backend(backend, x.device) == "triton":

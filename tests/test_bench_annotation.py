@@ -42,3 +42,33 @@ def test_train_command_parses_and_runs(tmp_path, monkeypatch):
     assert obs["is_query"].sum() == int(query.sum())
     run = json.loads((out / "run.json").read_text())
     assert run["n_iterations"] == 12
+
+
+def test_singleton_replay_counts_what_training_sees(tmp_path, monkeypatch):
+    """bench/annotation_singletons.py replays a run's training loader: its count of rows that are a domain's lone row
+    in their mini-batch equals the count the DSBN layer sees while the model trains."""
+    import annotation_singletons as replay
+    import torch
+
+    import scalex_scale.nn.dsbn as dsbn_module
+    from scalex_scale import api
+    from scalex_scale.train import TrainConfig
+
+    data = make_synthetic(SyntheticConfig(n_cells=500, n_genes=400, n_batches=24, n_celltypes=3, mean_genes_per_cell=200, seed=4))
+    data.write_h5ad(tmp_path / "many.h5ad")
+    atlas = tmp_path / "a.zarr"
+    api.ingest(atlas, [tmp_path / "many.h5ad"], batch_key="batch")
+    api.preprocess(atlas, min_features=50, n_top_features=200, min_cells=3)
+    seen = []
+    real = dsbn_module.dsbn
+
+    def counting(x, domain, *args, training=False, **kwargs):
+        if training:
+            c = torch.bincount(domain, minlength=args[0].shape[0])
+            seen.append(int((c[domain] == 1).sum()))
+        return real(x, domain, *args, training=training, **kwargs)
+
+    monkeypatch.setattr(dsbn_module, "dsbn", counting)
+    res = api.fit(atlas, tmp_path / "m", TrainConfig(max_iterations=20, seed=2, progress=False, device="cpu"))
+    assert len(seen) == res.n_iterations == 20 and sum(seen) > 0  # 24 domains in 64-cell batches: lone rows occur
+    assert replay.singleton_rows(atlas, seed=2, n_iterations=20) == sum(seen)
