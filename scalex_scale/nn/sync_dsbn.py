@@ -3,7 +3,7 @@
 With data parallelism each rank holds ``B`` rows of a global mini-batch of ``W * B`` rows. Plain DSBN
 normalizes every domain with the statistics of this rank's rows only; with many domains and small
 per-rank batches a domain may have 2 or 3 rows on a rank (noisy statistics) or one (the singleton
-rule then falls back to running statistics). :func:`sync_dsbn` instead gives every rank the result
+rule applies). :func:`sync_dsbn` instead gives every rank the result
 one process would compute on the concatenated global mini-batch, like :class:`torch.nn.SyncBatchNorm`
 but per domain:
 
@@ -17,7 +17,8 @@ Forward (one collective)
     running statistics are updated with the unbiased variance ``var * n / (n - 1)`` of the global
     count ``n``: the same values on every rank. SINGLETON RULE on the GLOBAL count: a domain with
     exactly one row across all ranks is normalized with its running statistics and does not update
-    them; a domain absent from every rank keeps its running statistics. A domain present on one rank
+    them (the kernel's rule; :class:`~scalex_scale.nn.DSBN` then applies the model's rule, by default
+    the reference's passthrough, on the same global count); a domain absent from every rank keeps its running statistics. A domain present on one rank
     only is normal: the other ranks contribute zeros.
 
 Backward (one collective)
