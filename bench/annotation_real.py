@@ -270,6 +270,14 @@ def run_dir(work: Path, s: Split, seed: int, iterations: int) -> Path:
     return work / "runs" / (f"{s.id}_s{seed}_it{iterations}" + (f"_p{s.patience}" if s.patience is not None else ""))
 
 
+def reference_atlas(atlas: Path, ref: Path, min_features: int, n_top_features: int) -> None:
+    """A split's reference atlas as every run trains on it: ingest the reference file, preprocess."""
+    from scalex_scale import api
+
+    api.ingest(atlas, [str(ref)], batch_key="batch")
+    api.preprocess(atlas, min_features=min_features, n_top_features=n_top_features, min_cells=3)
+
+
 def cmd_train(a: argparse.Namespace) -> None:
     """Internal (fresh process): train on ref.h5ad, project query.h5ad, dump latent/obs/HVGs."""
     import torch
@@ -282,8 +290,7 @@ def cmd_train(a: argparse.Namespace) -> None:
     out = Path(a.outdir)
     atlas, model = out / "atlas.zarr", out / "model"
     t0 = time.perf_counter()
-    api.ingest(atlas, [a.ref], batch_key="batch")
-    api.preprocess(atlas, min_features=a.min_features, n_top_features=a.n_top_features, min_cells=3)
+    reference_atlas(atlas, Path(a.ref), a.min_features, a.n_top_features)
     t1 = time.perf_counter()
     extra = {"patience": a.patience} if a.patience else {}
     res = api.fit(atlas, model, TrainConfig(max_iterations=a.iterations, seed=a.seed, progress=False, **extra))

@@ -60,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=str(HERE / "_work" / "annot"))
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    from scalex_scale import api
-
     old = json.loads(Path(a.results).read_text())
     work = Path(a.workdir)
     skip = tuple(x for x in a.skip.split(",") if x)
@@ -78,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(atlas, ignore_errors=True)
                 ref, _ = harness.split_files(work, s)
                 d = harness.DATASETS[s.dataset]
-                api.ingest(atlas, [str(ref)], batch_key="batch")
-                api.preprocess(atlas, min_features=d.min_features, n_top_features=d.n_top_features, min_cells=3)
+                harness.reference_atlas(atlas, ref, d.min_features, d.n_top_features)
                 built = s.id
             n = singleton_rows(atlas, r["seed"], r["train"]["n_iterations"])
             runs[f"{r['split']}|seed {r['seed']}|{r['iterations']} it|{r['group']}"] = n

@@ -157,11 +157,12 @@ class DSBN(nn.Module):
         weight and bias); the kernel never updates running statistics from a singleton. Graph-capturable."""
         if self.singleton == "running":
             return y
+        dom = domain.long()
         counts = torch.zeros(self.n_domains, device=x.device, dtype=torch.float32)
-        counts.index_add_(0, domain.long(), torch.ones(domain.shape[0], device=x.device, dtype=torch.float32))
+        counts.index_add_(0, dom, torch.ones(dom.shape[0], device=x.device, dtype=torch.float32))
         if synced:
             all_reduce_sum(counts, self.process_group)
-        single = (counts.index_select(0, domain.long()) == 1.0)[:, None]
+        single = (counts.index_select(0, dom) == 1.0)[:, None]
         return torch.where(single, x.to(y.dtype), y)
 
     def extra_repr(self) -> str:
