@@ -2,12 +2,16 @@
 
 Public API
 ----------
-dsbn(x, domain, weight, bias, running_mean, running_var, *, training, momentum, eps, backend)
+dsbn(x, domain, weight, bias, running_mean, running_var, *, training, momentum, eps, singleton, backend)
     DSBN forward (autograd-aware) with backend ``"auto" | "torch" | "triton"``.
 dsbn_reference(...)
     The vectorized pure-torch implementation (the ``"torch"`` backend).
 MIN_ROWS_FOR_BATCH_STATS
-    The singleton rule's threshold (2): fewer rows of a domain in a training batch -> running statistics.
+    The batch-statistics threshold (2): a domain with fewer rows in a training batch updates no running statistics.
+SINGLETON_RULES
+    What training does with a domain's lone row: ``"passthrough"`` (the reference package's rule, the default:
+    the row passes unchanged, its gradient straight to the input) or ``"running"`` (normalized with the domain's
+    running statistics).
 triton_available() -> bool
     Whether the Triton kernels can run in this process (CUDA, or CPU with ``TRITON_INTERPRET=1``).
 resolve_backend(backend, device) -> "torch" | "triton"
@@ -24,12 +28,14 @@ import torch
 
 from .backend import INSTALL_HINT, Backend, resolve_backend, triton_available
 from .reference import MIN_ROWS_FOR_BATCH_STATS, dsbn_loop_reference, dsbn_reference
-from .validation import check_dsbn_inputs
+from .validation import SINGLETON_RULES, Singleton, check_dsbn_inputs
 
 __all__ = [
     "INSTALL_HINT",
     "MIN_ROWS_FOR_BATCH_STATS",
+    "SINGLETON_RULES",
     "Backend",
+    "Singleton",
     "dsbn",
     "dsbn_loop_reference",
     "dsbn_reference",
@@ -49,6 +55,7 @@ def dsbn(
     training: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    singleton: Singleton = "passthrough",
     backend: str = "auto",
 ) -> torch.Tensor:
     """Domain-specific batch normalization.
@@ -69,6 +76,9 @@ def dsbn(
         ``new = (1 - momentum) * old + momentum * batch_stat`` (unbiased variance for ``running_var``).
     eps
         Variance epsilon.
+    singleton
+        What training does with a domain's lone row: ``"passthrough"`` (unchanged, as the reference package) or
+        ``"running"`` (normalized with the domain's running statistics). Eval ignores it.
     backend
         ``"auto"`` (Triton on CUDA when available, else torch; logged once), ``"torch"`` or ``"triton"``
         (RuntimeError with the install hint ``pip install 'scalex-scale[gpu]'`` when it cannot run).
@@ -81,18 +91,20 @@ def dsbn(
     Notes
     -----
     Training: a domain with >= ``MIN_ROWS_FOR_BATCH_STATS`` (2) rows uses its mini-batch mean and biased variance
-    and updates its running statistics. SINGLETON RULE: a domain with exactly one row is normalized with its running
-    statistics (then its weight/bias) and its running statistics are not updated. Absent domains keep their running statistics.
-    Eval: running statistics for every row. (The model's default rule for singletons, the reference package's
-    passthrough, is applied over this by :class:`scalex_scale.nn.DSBN`.)
+    and updates its running statistics. SINGLETON RULE: a domain with exactly one row updates no running statistics;
+    its row passes through unchanged (``"passthrough"``; no gradient to its weight/bias) or is normalized with the
+    running statistics, then its weight/bias (``"running"``). Absent domains keep their running statistics.
+    Eval: running statistics for every row.
     """
-    check_dsbn_inputs(x, domain, weight, bias, running_mean, running_var, momentum, eps)
+    check_dsbn_inputs(x, domain, weight, bias, running_mean, running_var, momentum, eps, singleton)
     if resolve_backend(backend, x.device) == "triton":
         from .dsbn_launch import dsbn_triton
 
         return dsbn_triton(
-            x, domain, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps
+            x, domain, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
+            singleton=singleton,
         )
     return dsbn_reference(
-        x, domain, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps
+        x, domain, weight, bias, running_mean, running_var, training=training, momentum=momentum, eps=eps,
+        singleton=singleton,
     )

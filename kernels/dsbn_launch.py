@@ -150,8 +150,10 @@ def launch_train_forward(
     running_var: torch.Tensor,
     momentum: float,
     eps: float,
+    passthrough: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training forward. Returns ``y`` (B, F) in x.dtype and the (D, F) float32 mean/invstd each domain used."""
+    """Training forward. Returns ``y`` (B, F) in x.dtype and the (D, F) float32 mean/invstd each domain used
+    (``passthrough``: the lone row of a domain passes unchanged, saved as mean 0 / invstd 1)."""
     n_rows, n_features = x.shape
     n_domains = weight.shape[0]
     y = torch.empty_like(x)
@@ -174,7 +176,8 @@ def launch_train_forward(
             K.dsbn_split_fwd_kernel[grid](
                 x, y, seg.perm, seg.starts, seg.counts, weight, bias, running_mean, running_var, mean, invstd,
                 ws_s, ws_q, n_rows, n_features, x.stride(0), y.stride(0), float(momentum), float(eps), splits,
-                MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
+                MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, PASS=passthrough, BLOCK_B=block_b, BLOCK_F=block_f,
+                num_warps=_NUM_WARPS,
             )
         return y, mean, invstd
     block_b, block_f = segment_blocks(n_rows, n_domains, n_features, x.device)
@@ -183,7 +186,8 @@ def launch_train_forward(
         K.dsbn_train_fwd_kernel[grid](
             x, y, seg.perm, seg.starts, seg.counts, weight, bias, running_mean, running_var, mean, invstd,
             n_rows, n_features, x.stride(0), y.stride(0), float(momentum), float(eps),
-            MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, BLOCK_B=block_b, BLOCK_F=block_f, num_warps=_NUM_WARPS,
+            MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, PASS=passthrough, BLOCK_B=block_b, BLOCK_F=block_f,
+            num_warps=_NUM_WARPS,
         )
     return y, mean, invstd
 
@@ -223,8 +227,11 @@ def launch_backward(
     invstd: torch.Tensor,
     bias_dtype: torch.dtype,
     training: bool,
+    passthrough: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward. Returns ``dx`` (x.dtype), ``dweight`` (weight.dtype), ``dbias`` (bias_dtype)."""
+    """Backward. Returns ``dx`` (x.dtype), ``dweight`` (weight.dtype), ``dbias`` (bias_dtype); ``passthrough``
+    (training only): a domain's lone row gets ``dx = dy`` and its domain no dweight/dbias."""
+    passthrough = bool(passthrough and training)
     n_rows, n_features = x.shape
     n_domains = weight.shape[0]
     dx = torch.empty_like(x)
@@ -248,8 +255,8 @@ def launch_backward(
             K.dsbn_split_bwd_kernel[grid](
                 x, dy, dx, dw, db, seg.perm, seg.starts, seg.counts, weight, mean, invstd, ws_dy, ws_dyx,
                 n_features, x.stride(0), dy.stride(0), dx.stride(0), splits,
-                TRAINING=training, MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, BLOCK_B=block_b, BLOCK_F=block_f,
-                num_warps=_NUM_WARPS,
+                TRAINING=training, MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, PASS=passthrough, BLOCK_B=block_b,
+                BLOCK_F=block_f, num_warps=_NUM_WARPS,
             )
         return dx, dw, db
     block_b, block_f = segment_blocks(n_rows, n_domains, n_features, x.device, tile=_TILE_ELEMENTS_BWD)
@@ -258,8 +265,8 @@ def launch_backward(
         K.dsbn_bwd_kernel[grid](
             x, dy, dx, dw, db, seg.perm, seg.starts, seg.counts, weight, mean, invstd,
             n_features, x.stride(0), dy.stride(0), dx.stride(0),
-            TRAINING=training, MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, BLOCK_B=block_b, BLOCK_F=block_f,
-            num_warps=_NUM_WARPS,
+            TRAINING=training, MIN_ROWS=reference.MIN_ROWS_FOR_BATCH_STATS, PASS=passthrough, BLOCK_B=block_b,
+            BLOCK_F=block_f, num_warps=_NUM_WARPS,
         )
     return dx, dw, db
 
@@ -279,6 +286,7 @@ class DSBNFunction(torch.autograd.Function):
         training: bool,
         momentum: float,
         eps: float,
+        passthrough: bool,
     ) -> torch.Tensor:
         x = x.contiguous()
         weight = weight.contiguous()
@@ -287,7 +295,9 @@ class DSBNFunction(torch.autograd.Function):
         seg = None
         if training:
             seg = domain_segments(domain, n_domains)
-            y, mean, invstd = launch_train_forward(x, seg, weight, bias, running_mean, running_var, momentum, eps)
+            y, mean, invstd = launch_train_forward(
+                x, seg, weight, bias, running_mean, running_var, momentum, eps, passthrough
+            )
         else:
             y = launch_eval_forward(x, domain, weight, bias, running_mean, running_var, eps)
             mean, invstd = None, None
@@ -297,6 +307,7 @@ class DSBNFunction(torch.autograd.Function):
         perm, starts, counts = (seg.perm, seg.starts, seg.counts) if seg is not None else (None, None, None)
         ctx.save_for_backward(x, domain, weight, mean, invstd, perm, starts, counts)
         ctx.training = training
+        ctx.passthrough = passthrough
         ctx.bias_dtype = bias.dtype
         return y
 
@@ -308,7 +319,7 @@ class DSBNFunction(torch.autograd.Function):
         else:
             seg = DomainSegments(perm=perm, starts=starts, counts=counts)
         dx, dw, db = launch_backward(
-            x, dy.contiguous(), seg, weight, mean, invstd, ctx.bias_dtype, ctx.training
+            x, dy.contiguous(), seg, weight, mean, invstd, ctx.bias_dtype, ctx.training, ctx.passthrough
         )
         need = ctx.needs_input_grad
         return (
@@ -316,6 +327,7 @@ class DSBNFunction(torch.autograd.Function):
             None,
             dw if need[2] else None,
             db if need[3] else None,
+            None,
             None,
             None,
             None,
@@ -336,6 +348,7 @@ def dsbn_triton(
     training: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    singleton: str = "passthrough",
 ) -> torch.Tensor:
     """Fused Triton DSBN with the same signature and rules as :func:`scalex_scale.kernels.dsbn_reference`.
 
@@ -351,6 +364,8 @@ def dsbn_triton(
         ``(D, F)`` contiguous running statistics, updated in place in training mode.
     training, momentum, eps
         As :func:`torch.nn.functional.batch_norm`.
+    singleton
+        ``"passthrough"`` or ``"running"``: what training does with a domain's lone row (the reference's rules).
 
     Returns
     -------
@@ -364,6 +379,9 @@ def dsbn_triton(
     RuntimeError
         Triton cannot run on ``x.device``.
     """
-    check_dsbn_inputs(x, domain, weight, bias, running_mean, running_var, momentum, eps)
+    check_dsbn_inputs(x, domain, weight, bias, running_mean, running_var, momentum, eps, singleton)
     check_triton_inputs(x, weight, bias, running_mean, running_var)
-    return DSBNFunction.apply(x, domain, weight, bias, running_mean, running_var, training, momentum, eps)
+    return DSBNFunction.apply(
+        x, domain, weight, bias, running_mean, running_var, training, momentum, eps,
+        bool(training and singleton == "passthrough"),
+    )

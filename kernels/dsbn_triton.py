@@ -24,8 +24,10 @@ when |mean| >> std.
 
 Rules (same as ``dsbn_reference``): a domain with >= ``MIN_ROWS`` rows (the launcher passes
 ``reference.MIN_ROWS_FOR_BATCH_STATS``, 2, as a ``tl.constexpr``) uses batch statistics and updates its running
-stats (unbiased variance); a domain with exactly one row (SINGLETON RULE) is normalized with its running statistics
-and not updated; an empty domain is untouched. Eval: every row uses running statistics.
+stats (unbiased variance); a domain with exactly one row (SINGLETON RULE) is not updated and its row either passes
+through unchanged (``PASS``, the ``"passthrough"`` rule: mean 0, invstd 1, weight 1, bias 0 for that domain, so
+``y = x`` and ``dx = dy`` exactly, and its dweight/dbias are 0) or is normalized with its running statistics
+(``"running"``); an empty domain is untouched. Eval: every row uses running statistics.
 """
 
 from __future__ import annotations
@@ -42,10 +44,17 @@ INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 
 
 @triton.jit
+def _passthrough(n_vec, mean, invstd, w, b):
+    """The ``"passthrough"`` singleton rule: a domain with one row gets mean 0, invstd 1, weight 1, bias 0."""
+    lone = n_vec == 1
+    return tl.where(lone, 0.0, mean), tl.where(lone, 1.0, invstd), tl.where(lone, 1.0, w), tl.where(lone, 0.0, b)
+
+
+@triton.jit
 def dsbn_train_fwd_kernel(
     X, Y, PERM, STARTS, COUNTS, W, B, RM, RV, MEAN_OUT, INVSTD_OUT,
     n_rows, n_features, stride_x, stride_y, momentum, eps,
-    MIN_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+    MIN_ROWS: tl.constexpr, PASS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Training forward for one (domain, feature block): statistics, running-stat update, normalize + affine."""
     pid_d = tl.program_id(0)
@@ -83,10 +92,12 @@ def dsbn_train_fwd_kernel(
     upd = mask_f & use_batch
     tl.store(RM + param, ((1.0 - momentum) * rm + momentum * mean_b).to(RM.dtype.element_ty), mask=upd)
     tl.store(RV + param, ((1.0 - momentum) * rv + momentum * var_u).to(RV.dtype.element_ty), mask=upd)
-    tl.store(MEAN_OUT + param, mean, mask=mask_f)
-    tl.store(INVSTD_OUT + param, invstd, mask=mask_f)
     w = tl.load(W + param, mask=mask_f, other=0.0).to(tl.float32)
     b = tl.load(B + param, mask=mask_f, other=0.0).to(tl.float32)
+    if PASS:  # a lone row passes through: y = x
+        mean, invstd, w, b = _passthrough(n_vec, mean, invstd, w, b)
+    tl.store(MEAN_OUT + param, mean, mask=mask_f)
+    tl.store(INVSTD_OUT + param, invstd, mask=mask_f)
     scale = w * invstd
     for i in range(0, n, BLOCK_B):
         rows = i + tl.arange(0, BLOCK_B)
@@ -98,15 +109,24 @@ def dsbn_train_fwd_kernel(
 
 
 @triton.jit
+def _passthrough_grad(n_vec, sum_dy, sum_dyx, w):
+    """The ``"passthrough"`` rule in backward: a domain with one row gets no dweight/dbias and weight 1 (dx = dy)."""
+    lone = n_vec == 1
+    return tl.where(lone, 0.0, sum_dy), tl.where(lone, 0.0, sum_dyx), tl.where(lone, 1.0, w)
+
+
+@triton.jit
 def dsbn_bwd_kernel(
     X, DY, DX, DW, DB, PERM, STARTS, COUNTS, W, MEAN, INVSTD,
     n_features, stride_x, stride_dy, stride_dx,
-    TRAINING: tl.constexpr, MIN_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+    TRAINING: tl.constexpr, MIN_ROWS: tl.constexpr, PASS: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     """Backward for one (domain, feature block): dweight, dbias, then dx.
 
     Batch-statistics domains (training, n >= MIN_ROWS): ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``.
-    Running-statistics rows (eval, or singleton domains in training): ``dx = w * invstd * dy``.
+    Running-statistics rows (eval, or singleton domains in training): ``dx = w * invstd * dy``. Passed-through
+    singletons (``PASS``, training only; the forward saved mean 0, invstd 1): ``dx = dy``, dweight = dbias = 0.
     """
     pid_d = tl.program_id(0)
     pid_f = tl.program_id(1)
@@ -133,6 +153,8 @@ def dsbn_bwd_kernel(
         acc_dyx += dy * xhat
     sum_dy = tl.sum(acc_dy, axis=0)
     sum_dyx = tl.sum(acc_dyx, axis=0)
+    if PASS:
+        sum_dy, sum_dyx, w = _passthrough_grad(n_vec, sum_dy, sum_dyx, w)
     tl.store(DW + param, sum_dyx.to(DW.dtype.element_ty), mask=mask_f)
     tl.store(DB + param, sum_dy.to(DB.dtype.element_ty), mask=mask_f)
     nf = tl.maximum(n_vec.to(tl.float32), 1.0)
@@ -242,7 +264,7 @@ def dsbn_split_stats_kernel(
 def dsbn_split_fwd_kernel(
     X, Y, PERM, STARTS, COUNTS, W, B, RM, RV, MEAN_OUT, INVSTD_OUT, WS_S, WS_Q,
     n_rows, n_features, stride_x, stride_y, momentum, eps, n_splits,
-    MIN_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+    MIN_ROWS: tl.constexpr, PASS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """Combine the partial sums of one (domain, feature block), then normalize + affine this program's chunk."""
     pid_d = tl.program_id(0)
@@ -273,6 +295,10 @@ def dsbn_split_fwd_kernel(
     rv = tl.load(RV + param, mask=mask_f, other=1.0).to(tl.float32)
     mean = tl.where(use_batch, mean_b, rm)
     invstd = 1.0 / tl.sqrt(tl.where(use_batch, var_b, rv) + eps)
+    w = tl.load(W + param, mask=mask_f, other=0.0).to(tl.float32)
+    b = tl.load(B + param, mask=mask_f, other=0.0).to(tl.float32)
+    if PASS:
+        mean, invstd, w, b = _passthrough(n_vec, mean, invstd, w, b)
     if pid_s == 0:
         var_u = var_b * nf / tl.maximum(nf - 1.0, 1.0)
         upd = mask_f & use_batch
@@ -280,8 +306,6 @@ def dsbn_split_fwd_kernel(
         tl.store(RV + param, ((1.0 - momentum) * rv + momentum * var_u).to(RV.dtype.element_ty), mask=upd)
         tl.store(MEAN_OUT + param, mean, mask=mask_f)
         tl.store(INVSTD_OUT + param, invstd, mask=mask_f)
-    w = tl.load(W + param, mask=mask_f, other=0.0).to(tl.float32)
-    b = tl.load(B + param, mask=mask_f, other=0.0).to(tl.float32)
     scale = w * invstd
     lo, hi = _chunk_bounds(n, pid_s, n_splits, BLOCK_B)
     for i in range(lo, hi, BLOCK_B):
@@ -333,7 +357,8 @@ def dsbn_split_bwd_sums_kernel(
 def dsbn_split_bwd_kernel(
     X, DY, DX, DW, DB, PERM, STARTS, COUNTS, W, MEAN, INVSTD, WS_DY, WS_DYX,
     n_features, stride_x, stride_dy, stride_dx, n_splits,
-    TRAINING: tl.constexpr, MIN_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+    TRAINING: tl.constexpr, MIN_ROWS: tl.constexpr, PASS: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     """Combine the partial sums of one (domain, feature block); chunk 0 writes dweight/dbias; dx of this chunk."""
     pid_d = tl.program_id(0)
@@ -356,6 +381,8 @@ def dsbn_split_bwd_kernel(
         ws = (s * n_domains + pid_d) * n_features + offs_f
         sum_dy += tl.load(WS_DY + ws, mask=mask_f, other=0.0)
         sum_dyx += tl.load(WS_DYX + ws, mask=mask_f, other=0.0)
+    if PASS:
+        sum_dy, sum_dyx, w = _passthrough_grad(n_vec, sum_dy, sum_dyx, w)
     if pid_s == 0:
         tl.store(DW + param, sum_dyx.to(DW.dtype.element_ty), mask=mask_f)
         tl.store(DB + param, sum_dy.to(DB.dtype.element_ty), mask=mask_f)

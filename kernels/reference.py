@@ -18,9 +18,15 @@ Rules (both training and eval, ``dsbn_reference`` and the Triton kernels alike)
   mean and biased variance, then scaled and shifted by ``weight[d]``, ``bias[d]``; its running statistics are
   updated in place, ``new = (1 - momentum) * old + momentum * batch_stat``, with the UNBIASED variance for
   ``running_var`` (as ``torch.nn.BatchNorm1d``).
-- Training, SINGLETON RULE: a domain with exactly one row is normalized with that domain's running statistics
-  (then ``weight[d]``, ``bias[d]``), and its running statistics are not updated. Gradients flow as in eval mode
-  for that row (``dx = weight * dy / sqrt(running_var + eps)``).
+- Training, SINGLETON RULE (``singleton``): a domain with exactly one row does not update its running statistics,
+  and its row is
+  - ``"passthrough"`` (default; the reference package's rule): passed through unchanged (``y = x``: no
+    normalization, no ``weight[d]``/``bias[d]``), its gradient straight to the input (``dx = dy``), none to
+    ``weight[d]``/``bias[d]``;
+  - ``"running"``: normalized with that domain's running statistics (then ``weight[d]``, ``bias[d]``); gradients
+    flow as in eval mode for that row (``dx = weight * dy / sqrt(running_var + eps)``).
+  (A domain with ``2 <= n < MIN_ROWS_FOR_BATCH_STATS`` rows, possible only when the threshold is raised, takes
+  the running statistics under either rule.)
 - Training, a domain absent from the mini-batch: its running statistics are unchanged (and its weight/bias get
   zero gradient).
 - Eval (``training=False``): every row uses its domain's running statistics; nothing is updated.
@@ -35,15 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .validation import check_dsbn_inputs
+from .validation import SINGLETON_RULES, Singleton, check_dsbn_inputs
 
-__all__ = ["MIN_ROWS_FOR_BATCH_STATS", "dsbn_reference", "dsbn_loop_reference"]
+__all__ = ["MIN_ROWS_FOR_BATCH_STATS", "SINGLETON_RULES", "Singleton", "dsbn_reference", "dsbn_loop_reference"]
 
 #: The SINGLETON RULE's threshold, the one definition shared by the torch reference, both Triton kernels (the
 #: segmented and the row-split ones, as a ``tl.constexpr`` argument) and SyncDSBN: in training, a domain with at
 #: least this many rows in the mini-batch (all ranks together, for SyncDSBN) is normalized with its batch mean and
 #: biased variance and updates its running statistics; a domain with fewer rows (one: a variance of one row is 0)
-#: is normalized with its running statistics and leaves them unchanged.
+#: leaves them unchanged and is normalized with them, except a lone row under the ``"passthrough"`` rule, which
+#: passes through unchanged.
 MIN_ROWS_FOR_BATCH_STATS: int = 2
 
 
@@ -207,6 +214,7 @@ def dsbn_reference(
     training: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    singleton: Singleton = "passthrough",
 ) -> torch.Tensor:
     """Domain-specific batch normalization, vectorized over domains, in pure torch.
 
@@ -226,6 +234,9 @@ def dsbn_reference(
         Running-statistics momentum, as ``torch.nn.BatchNorm1d`` (``new = (1 - m) * old + m * batch``).
     eps
         Added to the variance before the inverse square root.
+    singleton
+        What training does with a domain's lone row: ``"passthrough"`` (unchanged) or ``"running"`` (normalized
+        with the running statistics); see the module docstring.
 
     Returns
     -------
@@ -240,18 +251,19 @@ def dsbn_reference(
     Notes
     -----
     Training mode: a domain with >= 2 rows uses its mini-batch mean and biased variance and its running stats are
-    updated with the unbiased variance. SINGLETON RULE: a domain with exactly one row in the mini-batch is
-    normalized with that domain's running statistics (then ``weight[d]``, ``bias[d]``) and its running statistics
-    are not updated. Domains absent from the mini-batch keep their running statistics. Eval mode: every row uses
+    updated with the unbiased variance. SINGLETON RULE: a domain with exactly one row in the mini-batch does not
+    update its running statistics; its row passes through unchanged (``"passthrough"``) or is normalized with the
+    domain's running statistics (``"running"``). Domains absent from the mini-batch keep their running statistics. Eval mode: every row uses
     its domain's running statistics. With ``D = 1`` and ``B >= 2`` this equals ``torch.nn.functional.batch_norm``.
 
     No host synchronisation, no Python loop over domains, no data-dependent shapes; autograd-correct.
     Under autocast (e.g. bf16) everything here still runs in the compute dtype: autocast is switched
     off inside, forward and backward.
     """
-    check_dsbn_inputs(x, domain, weight, bias, running_mean, running_var, momentum, eps)
+    check_dsbn_inputs(x, domain, weight, bias, running_mean, running_var, momentum, eps, singleton)
     with _no_autocast(x.device):
-        return _dsbn_reference(x, domain, weight, bias, running_mean, running_var, training, momentum, eps)
+        return _dsbn_reference(x, domain, weight, bias, running_mean, running_var, training, momentum, eps,
+                               training and singleton == "passthrough")
 
 
 def _dsbn_reference(
@@ -264,6 +276,7 @@ def _dsbn_reference(
     training: bool,
     momentum: float,
     eps: float,
+    passthrough: bool,
 ) -> torch.Tensor:
     cdt = _compute_dtype(x)
     xc = x.to(cdt)
@@ -278,7 +291,14 @@ def _dsbn_reference(
             use_batch = torch.zeros(n_domains, 1, dtype=torch.bool, device=x.device)
             counts = xc.new_zeros(n_domains)
         invstd = torch.rsqrt(var + eps)
-    y = _DomainNormAffine.apply(xc, seg, weight.to(cdt), bias.to(cdt), mean, invstd, use_batch, counts)
+    w, b = weight.to(cdt), bias.to(cdt)
+    if passthrough:
+        # a lone row: mean 0, invstd 1, weight 1, bias 0, so y = x and dx = dy exactly; torch.where gives the
+        # domain's weight and bias no gradient
+        lone = (counts == 1.0)[:, None]
+        mean, invstd = torch.where(lone, 0.0, mean), torch.where(lone, 1.0, invstd)
+        w, b = torch.where(lone, 1.0, w), torch.where(lone, 0.0, b)
+    y = _DomainNormAffine.apply(xc, seg, w, b, mean, invstd, use_batch, counts)
     return y.to(x.dtype)
 
 
@@ -300,7 +320,7 @@ def dsbn_loop_reference(
     ``np.where(y.cpu().numpy() == i)`` (a host synchronisation per domain), then a per-domain BatchNorm1d
     (here ``F.batch_norm`` on row ``i`` of the ``(D, F)`` parameters, whose running-stat rows are views updated in
     place) when the domain has > 1 row. A domain with exactly one row is passed through UNNORMALIZED, without
-    weight/bias (the original behaviour; ``dsbn_reference`` uses the running statistics instead). Output starts
+    weight/bias (the original behaviour, ``dsbn_reference``'s default ``singleton="passthrough"``). Output starts
     from zeros like the original.
 
     Parameters

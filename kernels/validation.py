@@ -7,9 +7,16 @@ caught by the backends' own indexing (an ``IndexError`` on CPU, a device-side as
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-__all__ = ["check_dsbn_inputs", "shape_str"]
+__all__ = ["SINGLETON_RULES", "Singleton", "check_dsbn_inputs", "shape_str"]
+
+#: What a training mini-batch does with a domain's lone row (``reference.py`` has the rules): ``"passthrough"``
+#: (the reference package's rule, the default) or ``"running"``.
+Singleton = Literal["passthrough", "running"]
+SINGLETON_RULES: tuple[str, ...] = ("passthrough", "running")
 
 _PARAM_NAMES = ("weight", "bias", "running_mean", "running_var")
 
@@ -81,6 +88,7 @@ def check_dsbn_inputs(
     running_var: torch.Tensor,
     momentum: float,
     eps: float,
+    singleton: str = "passthrough",
 ) -> None:
     """Validate the arguments of a DSBN call.
 
@@ -94,6 +102,8 @@ def check_dsbn_inputs(
         ``(D, F)`` floating-point per-domain affine parameters and running statistics.
     momentum, eps
         Running-statistics momentum in ``[0, 1]`` and variance epsilon ``> 0``.
+    singleton
+        One of :data:`SINGLETON_RULES`.
 
     Raises
     ------
@@ -113,3 +123,5 @@ def check_dsbn_inputs(
     _check_params({name: named[name] for name in _PARAM_NAMES}, x.shape[1])
     _check_devices(named)
     _check_scalars(momentum, eps)
+    if singleton not in SINGLETON_RULES:
+        raise ValueError(f"singleton must be one of {', '.join(SINGLETON_RULES)}, got {singleton!r}")

@@ -173,20 +173,43 @@ def test_reference_matches_original_loop_without_singletons() -> None:
     torch.testing.assert_close(got["dw"][4], torch.zeros(37))
 
 
-def test_reference_singleton_and_empty_domain_rules() -> None:
+@pytest.mark.parametrize("singleton", ["passthrough", "running"])
+def test_reference_singleton_and_empty_domain_rules(singleton: str) -> None:
     case = make_case(21, 37, 5, layout_name="singleton_empty", device=torch.device("cpu"))
     rm0, rv0 = case.running_mean.clone(), case.running_var.clone()
-    out = run(dsbn_reference, case, training=True)
+    out = run(dsbn_reference, case, training=True, singleton=singleton)
     row = int(torch.nonzero(case.domain == 0)[0, 0])
-    invstd = torch.rsqrt(rv0[0] + 1e-5)
-    expected = (case.x[row] - rm0[0]) * invstd * case.weight[0] + case.bias[0]
-    torch.testing.assert_close(out["y"][row], expected)
-    torch.testing.assert_close(out["dx"][row], case.weight[0] * invstd * case.grad_out[row])
+    if singleton == "passthrough":  # the lone row leaves as it came; its gradient goes straight to x, none to w/b
+        assert torch.equal(out["y"][row], case.x[row]) and torch.equal(out["dx"][row], case.grad_out[row])
+        assert not out["dw"][0].any() and not out["db"][0].any()
+    else:
+        invstd = torch.rsqrt(rv0[0] + 1e-5)
+        expected = (case.x[row] - rm0[0]) * invstd * case.weight[0] + case.bias[0]
+        torch.testing.assert_close(out["y"][row], expected)
+        torch.testing.assert_close(out["dx"][row], case.weight[0] * invstd * case.grad_out[row])
+        torch.testing.assert_close(out["db"][0], case.grad_out[row])
     for d in (0, 4):  # singleton and empty: running stats untouched
         assert torch.equal(out["rm"][d], rm0[d]) and torch.equal(out["rv"][d], rv0[d])
     assert not torch.equal(out["rm"][1], rm0[1])  # populated domains updated
     torch.testing.assert_close(out["db"][4], torch.zeros(37))
-    torch.testing.assert_close(out["db"][0], case.grad_out[row])
+    other = case.domain != 0  # the rows of the other domains do not depend on the rule
+    want = run(dsbn_reference, case, training=True, singleton="running" if singleton == "passthrough" else "passthrough")
+    assert torch.equal(out["y"][other], want["y"][other]) and torch.equal(out["dx"][other], want["dx"][other])
+
+
+def test_reference_passthrough_matches_original_loop_with_singletons() -> None:
+    """The default rule is the original SCALEX DSBN's: a domain's lone row passes unnormalized, without affine."""
+    case = make_case(21, 37, 5, layout_name="singleton_empty", device=torch.device("cpu"))
+    got = run(dsbn_reference, case, training=True)
+    want = run(dsbn_loop_reference, case, training=True)
+    for key in got:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_unknown_singleton_rule_is_refused() -> None:
+    case = make_case(8, 5, 2, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="singleton must be one of passthrough, running, got 'skip'"):
+        dsbn(case.x, case.domain, case.weight, case.bias, case.running_mean, case.running_var, singleton="skip")
 
 
 def test_reference_running_stats_update_formula() -> None:
@@ -301,49 +324,70 @@ def test_reference_cuda_graph_and_sync_free() -> None:
 
 # ---------------------------------------------------------------------------------------- triton vs the reference
 TRITON_CASES = [
-    # (n_rows, n_features, n_domains, layout)
-    pytest.param(48, 100, 3, "random", id="F100-D3-unsorted"),
-    pytest.param(21, 37, 5, "singleton_empty", id="F37-D5-singleton-empty"),
-    pytest.param(33, 37, 1, "random", id="F37-D1"),
-    pytest.param(40, 37, 4, "sorted", id="F37-D4-sorted"),
-    pytest.param(6, 37, 6, "all_singletons", id="F37-D6-all-singletons"),
+    # (n_rows, n_features, n_domains, layout, singleton rule)
+    pytest.param(48, 100, 3, "random", "passthrough", id="F100-D3-unsorted"),
+    pytest.param(21, 37, 5, "singleton_empty", "passthrough", id="F37-D5-singleton-empty"),
+    pytest.param(21, 37, 5, "singleton_empty", "running", id="F37-D5-singleton-empty-running"),
+    pytest.param(33, 37, 1, "random", "passthrough", id="F37-D1"),
+    pytest.param(40, 37, 4, "sorted", "passthrough", id="F37-D4-sorted"),
+    pytest.param(6, 37, 6, "all_singletons", "passthrough", id="F37-D6-all-singletons"),
+    pytest.param(6, 37, 6, "all_singletons", "running", id="F37-D6-all-singletons-running"),
 ]
+
+
+def assert_lone_rows_pass_through(got: dict, case: Case, singleton: str, training: bool) -> None:
+    """Under the passthrough rule a domain's lone row leaves unchanged, its gradient is dy, its domain's w/b get none
+    (exactly, in every dtype: the kernels compute ``(x - 0) * 1 * 1 + 0``)."""
+    if singleton != "passthrough" or not training:
+        return
+    counts = torch.bincount(case.domain.long(), minlength=case.weight.shape[0])
+    lone = counts[case.domain.long()] == 1
+    assert lone.any()
+    assert torch.equal(got["y"][lone], case.x[lone]) and torch.equal(got["dx"][lone], case.grad_out[lone])
+    assert not got["dw"][counts == 1].any() and not got["db"][counts == 1].any()
 
 
 @needs_triton
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(("n_rows", "n_features", "n_domains", "layout_name"), TRITON_CASES)
+@pytest.mark.parametrize(("n_rows", "n_features", "n_domains", "layout_name", "singleton"), TRITON_CASES)
 def test_triton_matches_reference(
-    n_rows: int, n_features: int, n_domains: int, layout_name: str, dtype: torch.dtype, training: bool
+    n_rows: int, n_features: int, n_domains: int, layout_name: str, singleton: str, dtype: torch.dtype, training: bool
 ) -> None:
     case = make_case(n_rows, n_features, n_domains, dtype=dtype, layout_name=layout_name)
-    assert_results_close(run(triton_fn, case, training=training), run(dsbn_reference, case, training=training), dtype)
+    got = run(triton_fn, case, training=training, singleton=singleton)
+    assert_results_close(got, run(dsbn_reference, case, training=training, singleton=singleton), dtype)
+    if "singleton" in layout_name:
+        assert_lone_rows_pass_through(got, case, singleton, training)
 
 
 SPLIT_CASES = [
     # chunks are whole 32-row (forward) / 16-row (backward) tiles: 200 rows in 3 chunks of 96, 96, 8 rows
-    pytest.param(200, 37, 1, "random", 3, id="F37-D1-S3"),
-    pytest.param(300, 100, 2, "random", 3, id="F100-D2-S3"),
-    pytest.param(45, 37, 5, "singleton_empty", 2, id="F37-D5-singleton-empty-S2"),
-    pytest.param(40, 37, 2, "sorted", 7, id="F37-D2-sorted-S7-more-chunks-than-tiles"),
+    pytest.param(200, 37, 1, "random", 3, "passthrough", id="F37-D1-S3"),
+    pytest.param(300, 100, 2, "random", 3, "passthrough", id="F100-D2-S3"),
+    pytest.param(45, 37, 5, "singleton_empty", 2, "passthrough", id="F37-D5-singleton-empty-S2"),
+    pytest.param(45, 37, 5, "singleton_empty", 2, "running", id="F37-D5-singleton-empty-S2-running"),
+    pytest.param(40, 37, 2, "sorted", 7, "passthrough", id="F37-D2-sorted-S7-more-chunks-than-tiles"),
 ]
 
 
 @needs_triton
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(("n_rows", "n_features", "n_domains", "layout_name", "splits"), SPLIT_CASES)
+@pytest.mark.parametrize(("n_rows", "n_features", "n_domains", "layout_name", "splits", "singleton"), SPLIT_CASES)
 def test_triton_row_split_matches_reference(
     monkeypatch: pytest.MonkeyPatch, n_rows: int, n_features: int, n_domains: int, layout_name: str, splits: int,
-    dtype: torch.dtype, training: bool,
+    singleton: str, dtype: torch.dtype, training: bool,
 ) -> None:  # fmt: skip
     """The row-split kernels (few domains, many rows: a third grid axis of row chunks) against the reference."""
     from scalex_scale.kernels import dsbn_launch
 
     monkeypatch.setattr(dsbn_launch, "FORCE_ROW_SPLITS", splits)
     case = make_case(n_rows, n_features, n_domains, dtype=dtype, layout_name=layout_name, seed=splits)
-    assert_results_close(run(triton_fn, case, training=training), run(dsbn_reference, case, training=training), dtype)
+    got = run(triton_fn, case, training=training, singleton=singleton)
+    assert_results_close(got, run(dsbn_reference, case, training=training, singleton=singleton), dtype)
+    if "singleton" in layout_name:
+        assert_lone_rows_pass_through(got, case, singleton, training)
 
 
 @needs_triton

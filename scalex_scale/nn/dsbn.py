@@ -7,20 +7,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from scalex_scale.kernels import dsbn, resolve_backend
-from scalex_scale.nn.sync_dsbn import all_reduce_sum, sync_dsbn, sync_world_size
+from scalex_scale.kernels import SINGLETON_RULES, Singleton, dsbn, resolve_backend
+from scalex_scale.nn.sync_dsbn import sync_dsbn, sync_world_size
 
 Backend = Literal["auto", "torch", "triton"]
-Singleton = Literal["passthrough", "running"]
-SINGLETON_RULES = ("passthrough", "running")
 
 
 class DSBN(nn.Module):
     """One batch normalization per domain (batch), with per-domain statistics and affine parameters.
 
-    The computation lives in :func:`scalex_scale.kernels.dsbn`; this module owns the parameters and
-    buffers and applies the *singleton rule* (``singleton``): what a training mini-batch does with a
-    domain that has exactly one row in it, whose variance the batch cannot give.
+    The computation lives in :func:`scalex_scale.kernels.dsbn` (every backend, and
+    :func:`~scalex_scale.nn.sync_dsbn.sync_dsbn`, applies the *singleton rule* itself); this module owns the
+    parameters and buffers and chooses the rule (``singleton``): what a training mini-batch does with a domain
+    that has exactly one row in it, whose variance the batch cannot give.
 
     Parameters
     ----------
@@ -123,7 +122,7 @@ class DSBN(nn.Module):
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
         """Normalize ``x`` (N, F) row-wise by the domain of each row, ``domain`` (N,) int64 codes."""
         if self.sync and self.training and sync_world_size(self.process_group) > 1:
-            y = sync_dsbn(
+            return sync_dsbn(
                 x,
                 domain,
                 self.weight,
@@ -134,9 +133,9 @@ class DSBN(nn.Module):
                 momentum=self.momentum,
                 eps=self.eps,
                 process_group=self.process_group,
+                singleton=self.singleton,
             )
-            return self._singletons(x, domain, y, synced=True)
-        y = dsbn(
+        return dsbn(
             x,
             domain,
             self.weight,
@@ -146,24 +145,9 @@ class DSBN(nn.Module):
             training=self.training,
             momentum=self.momentum,
             eps=self.eps,
+            singleton=self.singleton,
             backend=self.backend,
         )
-        return self._singletons(x, domain, y, synced=False) if self.training else y
-
-    def _singletons(self, x: torch.Tensor, domain: torch.Tensor, y: torch.Tensor, *, synced: bool) -> torch.Tensor:
-        """The ``"passthrough"`` rule over the kernel's output: rows whose domain has one row in the (global,
-        when ``synced``) mini-batch are replaced by their input. The kernel treats them by the running rule;
-        ``torch.where`` sends their gradient to ``x`` and none through the kernel (so none to the domain's
-        weight and bias); the kernel never updates running statistics from a singleton. Graph-capturable."""
-        if self.singleton == "running":
-            return y
-        dom = domain.long()
-        counts = torch.zeros(self.n_domains, device=x.device, dtype=torch.float32)
-        counts.index_add_(0, dom, torch.ones(dom.shape[0], device=x.device, dtype=torch.float32))
-        if synced:
-            all_reduce_sum(counts, self.process_group)
-        single = (counts.index_select(0, dom) == 1.0)[:, None]
-        return torch.where(single, x.to(y.dtype), y)
 
     def extra_repr(self) -> str:
         return (

@@ -15,11 +15,12 @@ Forward (one collective)
     ``[count | sum | sum of squares]`` is summed over ranks by ONE ``all_reduce``. Each domain with a
     global count ``>= MIN_ROWS_FOR_BATCH_STATS`` (2) is normalized with its global mini-batch mean and biased variance and its
     running statistics are updated with the unbiased variance ``var * n / (n - 1)`` of the global
-    count ``n``: the same values on every rank. SINGLETON RULE on the GLOBAL count: a domain with
-    exactly one row across all ranks is normalized with its running statistics and does not update
-    them (the kernel's rule; :class:`~scalex_scale.nn.DSBN` then applies the model's rule, by default
-    the reference's passthrough, on the same global count); a domain absent from every rank keeps its running statistics. A domain present on one rank
-    only is normal: the other ranks contribute zeros.
+    count ``n``: the same values on every rank. SINGLETON RULE on the GLOBAL count (the kernels' rules):
+    a domain with exactly one row across all ranks does not update its running statistics, and that
+    row passes through unchanged (``"passthrough"``, the default; no gradient to the domain's weight
+    and bias) or is normalized with the running statistics (``"running"``); a domain absent from every
+    rank keeps its running statistics. A domain present on one rank only is normal: the other ranks
+    contribute zeros.
 
 Backward (one collective)
     The per-domain sums of ``dy`` and ``dy * xhat`` over this rank's rows are summed over ranks by
@@ -88,6 +89,7 @@ class _SyncDSBNFunction(torch.autograd.Function):
         momentum: float,
         eps: float,
         process_group: Any,
+        passthrough: bool,
     ) -> torch.Tensor:
         n_domains, n_features = weight.shape
         shift = running_mean.to(x.dtype)
@@ -121,19 +123,23 @@ class _SyncDSBNFunction(torch.autograd.Function):
         running_mean.copy_(new_rm)
         running_var.copy_(new_rv)
 
+        # passthrough: a domain's lone row (global count 1) gets mean 0, invstd 1, weight 1, bias 0: y = x
+        lone = ((counts == 1.0) & passthrough)[:, None]
+        mean, invstd = torch.where(lone, 0.0, mean), torch.where(lone, 1.0, invstd)
+        w, b = torch.where(lone, 1.0, weight), torch.where(lone, 0.0, bias)
         xhat = (x - mean.index_select(0, dom)) * invstd.index_select(0, dom)
-        ctx.save_for_backward(xhat, dom, weight, invstd, use_batch, counts)
+        ctx.save_for_backward(xhat, dom, w, invstd, use_batch, counts, lone)
         ctx.process_group = process_group
-        return torch.addcmul(bias.index_select(0, dom), xhat, weight.index_select(0, dom))
+        return torch.addcmul(b.index_select(0, dom), xhat, w.index_select(0, dom))
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        xhat, dom, weight, invstd, use_batch, counts = ctx.saved_tensors
+        xhat, dom, weight, invstd, use_batch, counts, lone = ctx.saved_tensors  # weight: 1 where lone
         sums = dy.new_zeros(2, *weight.shape)
         sums[0].index_add_(0, dom, dy)  # this rank's dbias
         sums[1].index_add_(0, dom, dy * xhat)  # this rank's dweight
-        dbias, dweight = sums[0].clone(), sums[1].clone()
+        dbias, dweight = torch.where(lone, 0.0, sums[0]), torch.where(lone, 0.0, sums[1])
         dx = None
         if ctx.needs_input_grad[0]:  # the same on every rank (the same graph runs everywhere)
             all_reduce_sum(sums, ctx.process_group)
@@ -141,7 +147,7 @@ class _SyncDSBNFunction(torch.autograd.Function):
             c_dy = torch.where(use_batch, sums[0] / n, 0.0).index_select(0, dom)
             c_dyx = torch.where(use_batch, sums[1] / n, 0.0).index_select(0, dom)
             dx = (dy - torch.addcmul(c_dy, xhat, c_dyx)) * (weight * invstd).index_select(0, dom)
-        return dx, None, dweight, dbias, None, None, None, None, None
+        return dx, None, dweight, dbias, None, None, None, None, None, None
 
 
 def sync_dsbn(
@@ -156,6 +162,7 @@ def sync_dsbn(
     momentum: float = 0.1,
     eps: float = 1e-5,
     process_group: Any = None,
+    singleton: str = "passthrough",
     backend: str = "auto",
 ) -> torch.Tensor:
     """DSBN with per-domain statistics of the global mini-batch across the ranks of ``process_group``.
@@ -171,6 +178,9 @@ def sync_dsbn(
     process_group
         The ``torch.distributed`` group to synchronize over; None is the default (world) group.
         Without an initialized process group no collective is issued.
+    singleton
+        ``"passthrough"`` or ``"running"``: what a domain's lone row of the GLOBAL mini-batch gets (the
+        kernels' rules).
     backend
         Kernel backend of the eval path (:func:`scalex_scale.kernels.dsbn`); the training path is
         always pure torch.
@@ -189,12 +199,12 @@ def sync_dsbn(
     if not training:
         return dsbn(
             x, domain, weight, bias, running_mean, running_var,
-            training=False, momentum=momentum, eps=eps, backend=backend,
+            training=False, momentum=momentum, eps=eps, singleton=singleton, backend=backend,
         )
-    check_dsbn_inputs(x, domain, weight, bias, running_mean, running_var, momentum, eps)
+    check_dsbn_inputs(x, domain, weight, bias, running_mean, running_var, momentum, eps, singleton)
     cdt = torch.promote_types(x.dtype, torch.float32)
     y = _SyncDSBNFunction.apply(
         x.to(cdt), domain.long(), weight.to(cdt), bias.to(cdt), running_mean, running_var,
-        float(momentum), float(eps), process_group,
+        float(momentum), float(eps), process_group, singleton == "passthrough",
     )
     return y.to(x.dtype)
