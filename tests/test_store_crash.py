@@ -14,12 +14,14 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
 import pytest
 import torch
+import zarr
 
 from scalex_scale import api
 from scalex_scale._faults import InjectedFault, inject
@@ -66,6 +68,32 @@ def _cfg() -> TrainConfig:
     return TrainConfig(max_iterations=12, batch_size=16, device="cpu", progress=False, seed=0)
 
 
+def _barcoded(a: ad.AnnData, tag: str) -> ad.AnnData:
+    """``a`` with a barcode column: every value distinct, so the atlas stores it as strings (with STRINGS_AFTER small)."""
+    a = a.copy()
+    a.obs["barcode"] = [f"{tag}{i}" for i in range(a.n_obs)]
+    return a
+
+
+@contextmanager
+def _few_strings():
+    """A text column past 8 distinct values is stored as strings (the default threshold, ROW_CHUNK rows, is far above
+    these tiny atlases): the only way their appends reach the strings-on-append path of ObsWriter."""
+    from scalex_scale.store import obs_stream
+
+    previous = obs_stream.STRINGS_AFTER
+    obs_stream.STRINGS_AFTER = 8
+    try:
+        yield
+    finally:
+        obs_stream.STRINGS_AFTER = previous
+
+
+def _append_strings(a: Path, m: Path) -> object:
+    with _few_strings():
+        return api.ingest(a, [_barcoded(A3, "c")], batch_names=["b3"])
+
+
 A1 = make_adata(50, 30, seed=1, prefix="a", batch="b1")
 A2 = make_adata(40, 30, seed=2, prefix="b", batch="b2")
 A3 = make_adata(30, 30, seed=3, prefix="c", batch="b3")
@@ -88,6 +116,8 @@ class Command:
 COMMANDS = {
     "ingest": Command("empty", lambda a, m: api.ingest(a, [A1, A2])),
     "append": Command("ingested", lambda a, m: api.ingest(a, [A3], batch_names=["b3"])),
+    # an atlas holding a strings column (barcodes): the append streams it back as strings from its first row
+    "append-strings": Command("ingested-strings", _append_strings),
     "preprocess": Command("ingested", lambda a, m: api.preprocess(a, **PREP)),
     "re-preprocess": Command("preprocessed", lambda a, m: api.preprocess(a, **{**PREP, "n_top_features": 12, "seed": 3})),
     "fit": Command("preprocessed", lambda a, m: api.fit(a, m, _cfg()), lambda a, m: api.fit(a, m, _cfg(), resume=True)),
@@ -112,6 +142,11 @@ def templates(tmp_path_factory):
             shutil.copytree(m, dst / "model")
         out[name] = (dst / "atlas.zarr", dst / "model" if m.exists() else None)
 
+    with _few_strings():
+        api.ingest(a, [_barcoded(A1, "a"), _barcoded(A2, "b")])
+    assert dict(zarr.open_group(a / "obs", mode="r")["barcode"].attrs)["encoding-type"] == "string-array"
+    save("ingested-strings")
+    shutil.rmtree(a)
     api.ingest(a, [A1, A2])
     save("ingested")
     api.preprocess(a, **PREP)
