@@ -561,8 +561,13 @@ def keep_rows(path: Path, rows: list[dict], drop_groups: set[str]) -> dict:
     # trained on the same HVGs and cells (our preprocessing), so a change to our model or transfer leaves it as it was
     by_key = {key(r): r for r in old["per_run"]}
     n_scvi = 0
+    same, changed = [], []
     for r in rows:
         prev = by_key.get(key(r), {})
+        if prev:  # scored now and in the earlier file: did the run reproduce (same latent -> same scores)?
+            tag = "|".join(map(str, key(r)))
+            norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - as the earlier file stores it
+            (same if all(norm(prev.get(m)) == norm(r.get(m)) for m in ("transfer", "knn5", "knn30")) else changed).append(tag)
         if "scvi_run" not in r and "scvi_run" in prev:
             r.update({k: v for k, v in prev.items() if k.startswith("scvi_")})
             r["scvi_from"] = old.get("git_commit")
@@ -570,6 +575,8 @@ def keep_rows(path: Path, rows: list[dict], drop_groups: set[str]) -> dict:
     return {"rows": keep, "from": str(path), "from_git_commit": old.get("git_commit"), "n_kept": len(keep),
             "n_scvi_rows_taken": n_scvi,
             "n_scored_now": len(rows), "scored_now": sorted({r["split"] for r in rows}),
+            # runs scored now that the earlier file has too: identical transfer / kNN rows, or not
+            "rescored_identical": sorted(same), "rescored_changed": sorted(changed),
             "dropped_groups": sorted(drop_groups),
             "n_dropped": sum(1 for r in old["per_run"] if key(r) not in now and r["group"] in drop_groups)}
 

@@ -72,3 +72,28 @@ def test_singleton_replay_counts_what_training_sees(tmp_path, monkeypatch):
     res = api.fit(atlas, tmp_path / "m", TrainConfig(max_iterations=20, seed=2, progress=False, device="cpu"))
     assert len(seen) == res.n_iterations == 20 and sum(seen) > 0  # 24 domains in 64-cell batches: lone rows occur
     assert replay.singleton_rows(atlas, seed=2, n_iterations=20) == sum(seen)
+
+
+def test_keep_rows_keeps_the_earlier_runs_and_says_which_rescored_runs_reproduced(tmp_path):
+    """``--keep-rows-from``: rows of the earlier file that were not scored now are kept (minus the dropped groups),
+    a run scored now without scVI takes the earlier scVI row, and every run scored in both is listed as identical
+    (same transfer and kNN rows, e.g. the same machine reproducing it) or changed."""
+
+    def row(split, seed, ari, group="main", scvi=False):
+        r = {"split": split, "seed": seed, "iterations": 3000, "group": group,
+             "transfer": {"ARI": ari, "diagnostics": {"k": 5, "cv_scores": {5: 0.5, 30: 0.4}}},
+             "knn5": {"ARI": ari}, "knn30": {"ARI": ari}}
+        if scvi:
+            r.update(scvi_knn5={"ARI": 0.9}, scvi_run={"n_genes": 10})
+        return r
+
+    old = [row("a", 0, 0.5, scvi=True), row("b", 0, 0.6), row("c", 0, 0.7), row("d", 0, 0.8, group="nostop")]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"git_commit": "abc", "per_run": old}))  # JSON: int keys become strings
+    now = [row("a", 0, 0.5), row("b", 0, 0.65)]
+    kept = harness.keep_rows(path, now, {"nostop"})
+    assert [r["split"] for r in kept["rows"]] == ["c"]
+    assert kept["n_dropped"] == 1 and kept["n_scvi_rows_taken"] == 1
+    assert now[0]["scvi_knn5"] == {"ARI": 0.9} and now[0]["scvi_from"] == "abc" and "scvi_knn5" not in now[1]
+    assert kept["rescored_identical"] == ["a|0|3000|main"]
+    assert kept["rescored_changed"] == ["b|0|3000|main"]
