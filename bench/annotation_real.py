@@ -12,13 +12,14 @@ The committed results: ``--groups main,loto,default,nostop --default-seeds kang_
 0,1,2; the default group seed 0 only except Kang; nostop seed 0 only), then ``--groups main,loto,default --seeds 3,4
 --default-seeds kang_ctrl_to_stim:3,4,5`` (fresh trainings, no scVI), scored together with ``--seeds 0,1,2,3,4
 --default-seeds kang_ctrl_to_stim:0,1,2,3,4,5 --seed-sets '0,1,2;3,4,5' --retransfer``; one training process at a
-time (two at most). ``--seed-sets`` also scores each set of seeds alone (``summary.by_seed_set``). Those runs are in
-``bench/results/amd-epyc-2c/``. After the DSBN singleton rule changed (2026-12-02: the reference package's
-passthrough), the runs it changes were trained again (OneK1K, Baron human -> mouse, and the 4 CellBench runs whose
+time (two at most). ``--seed-sets`` also scores each set of seeds alone (``summary.by_seed_set``). After the DSBN
+singleton rule changed (2026-12-02: the reference package's passthrough), on the same machine type, every main-group
+run and the leave-one-type-out runs the rule changes (OneK1K, Baron human -> mouse, and the 4 CellBench runs whose
 training batches held a domain's lone cell: an exact replay of every other run's training loader found none, so those
-train bit for bit as before) and scored with the other runs' rows kept: ``--keep-rows-from
-bench/results/amd-epyc-2c/annotation_real.json --drop-groups nostop,nostop_loto`` (payload ``kept_rows``; results in
-``bench/results/<this machine>/``).
+train bit for bit as before) were trained again and scored with the other runs' rows kept: ``--keep-rows-from
+bench/results/amd-epyc-2c/annotation_real.json --drop-groups nostop,nostop_loto`` (payload ``kept_rows``, with the
+runs scored in both files listed as ``rescored_identical`` / ``rescored_changed``); the README lists the commands.
+Results: ``bench/results/amd-epyc-2c/``.
 
 For every split: the reference batches are ingested, preprocessed, trained and embedded (``api.ingest``,
 ``api.preprocess``, ``api.fit``, ``api.embed``) in a fresh process with one torch thread; the query batches are then

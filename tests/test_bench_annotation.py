@@ -97,3 +97,35 @@ def test_keep_rows_keeps_the_earlier_runs_and_says_which_rescored_runs_reproduce
     assert now[0]["scvi_knn5"] == {"ARI": 0.9} and now[0]["scvi_from"] == "abc" and "scvi_knn5" not in now[1]
     assert kept["rescored_identical"] == ["a|0|3000|main"]
     assert kept["rescored_changed"] == ["b|0|3000|main"]
+
+
+def test_vote_probe_runs_on_a_cached_run(tmp_path):
+    """bench/annotation_vote_probe.py reads a harness run directory (latent + obs) and reports per-type F1, within-set
+    accuracy and the k each label-free rule would choose; on well-separated types everything is right."""
+    import annotation_vote_probe as probe
+
+    rng = np.random.default_rng(0)
+    types = np.repeat(["a", "b", "c"], 60)
+    centres = {"a": 0.0, "b": 8.0, "c": 16.0}
+    latent = np.stack([np.array([centres[t], 0.0]) + rng.normal(size=2) for t in types]).astype(np.float32)
+    latent = np.concatenate([latent, rng.normal(size=(len(types), 8)).astype(np.float32)], axis=1)
+    is_query = np.arange(len(types)) % 3 == 0
+    batch = np.where(is_query, "q", np.where(np.arange(len(types)) % 3 == 1, "r1", "r2"))
+    split = next(s for s in harness.base_splits() if s.id == "baron_human_to_mouse")
+    d = harness.run_dir(tmp_path, split, 0, 3000)
+    d.mkdir(parents=True)
+    pd.DataFrame({"cell": [f"c{i}" for i in range(len(types))], "batch": batch, "celltype": types, "ok": True,
+                  "is_query": is_query}).to_csv(d / "obs.csv", index=False)
+    np.save(d / "latent.npy", latent)
+    (d / "done").write_text("")
+    out = tmp_path / "probe.json"
+    assert probe.main(["--workdir", str(tmp_path), "--runs", split.id, "--seeds", "0,1", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert len(got["per_run"]) == 1  # seed 1 is not trained: skipped
+    row = got["per_run"][0]
+    assert row["within_set_knn5"] == {"ref": 1.0, "query": 1.0}
+    assert row["per_type_f1"]["types"] == ["a", "b", "c"] and row["per_type_f1"]["knn5"]["n_right"] == int(is_query.sum())
+    assert set(row["k_choice"]["rules"]) == {"cv", "cv_density", "cv_weighted", "reverse"}
+    assert all(v["chooses"] in (5, 30) for v in row["k_choice"]["rules"].values())
+    assert row["k_choice"]["query_f1"] == {"5": 1.0, "30": 1.0}
+    assert got["summary"][split.id]["within_set_knn5_mean"]["ref"] == 1.0

@@ -98,17 +98,21 @@ per-type factor for every predicted type (anchor_share 0: Kang 5.4%, but the Cel
 32-72%), and a "detour" statistic (distance to the two nearest types against their distance apart: no
 separation on PBMC or CellBench).
 
-Result (``bench/results/intel-r-xeon-r-processor-2c/annotation_real.json``, seeds 0-4, 3,000 iterations, latents
-trained with the DSBN passthrough singleton rule of 2026-12-02; every split except the two tuning ones is held out
-from the rule's other settings): the mean over seeds is within 0.01 of the better plain kNN (k = 5 or 30) on ARI and
-macro-F1 on 10 of 11 labelled splits; Baron human -> mouse (153 query cells) misses on F1 by 0.011 (the
-cross-validated k = 5, distance-weighted, gets one cell fewer right than the uniform 5-vote on 3 of 5 seeds; no cell
-is unassigned there). Unassigned <= 5% on every split (Baron mouse -> human 0.8%, Kang 3.2%; Kang at 30,000
-iterations 5.0% over 6 seeds: in one latent the stimulated CD14 monocytes leave their ctrl cluster as an unmixed
-island that plain kNN mostly calls FCGR3A monocytes). Leave-one-type-out, 31 cases: median 79% of T unassigned at
-1.3% of the others (74% over the 25 held-out cases; 86% over the 20 cases that no sibling absorbs; 0% on Baron,
-whose latent across species leaves most types absorbed). The vote's numbers above were measured on latents of the
-earlier DSBN rule, under which OneK1K trained to epoch 2 only (its 4 cases then 0-12% unassigned, now 0-98%).
+Result (``bench/results/amd-epyc-2c/annotation_real.json``, seeds 0-4, 3,000 iterations, latents trained with the
+DSBN passthrough singleton rule of 2026-12-02, one machine; every split except the two tuning ones is held out from
+the rule's other settings): the mean over seeds is within 0.01 of the better plain kNN (k = 5 or 30) on ARI and
+macro-F1 on 10 of 11 labelled splits; Baron human -> mouse (153 query cells) misses on F1 by 0.017 (0.560 vs the
+uniform 30-vote's 0.577; no cell is unassigned there). Its latent does not separate alpha, beta and delta cells even
+within the human reference (5-NN accuracy 0.73; alpha F1 <= 0.10 under every vote), the cross-validated k = 5 is the
+better k for this vote on 3 of 5 seeds, and no label-free way of choosing k that was tried (density-scaled or
+importance-weighted cross-validation, reverse validation) picks 30 there while keeping 5 on the mirror split, where
+the 30-vote loses 0.18 (``bench/annotation_vote_probe.py``). Unassigned <= 5% on every split (Baron mouse -> human
+0.8%, Kang 3.2%; Kang at 30,000 iterations 5.0% over 6 seeds: in one latent the stimulated CD14 monocytes leave their
+ctrl cluster as an unmixed island that plain kNN mostly calls FCGR3A monocytes). Leave-one-type-out, 31 cases: median
+79% of T unassigned at 1.3% of the others (64% over the 25 held-out cases; 86% over the 20 cases that no sibling
+absorbs; 0% on Baron, whose latent across species leaves most types absorbed). The vote's numbers above were
+measured on latents of the earlier DSBN rule, under which OneK1K trained to epoch 2 only (its 4 cases then 0-12%
+unassigned, now 0-90%).
 
 Limitations: a novel type that its nearest reference type absorbs (a sibling, as close to that type's reference
 cells as the type's own query cells) is indistinguishable from it by any distance rule; a latent that does not
