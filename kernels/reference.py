@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .validation import SINGLETON_RULES, Singleton, check_dsbn_inputs
+from .validation import Singleton, check_dsbn_inputs
 
-__all__ = ["MIN_ROWS_FOR_BATCH_STATS", "SINGLETON_RULES", "Singleton", "dsbn_reference", "dsbn_loop_reference"]
+__all__ = ["MIN_ROWS_FOR_BATCH_STATS", "dsbn_reference", "dsbn_loop_reference"]
 
 #: The SINGLETON RULE's threshold, the one definition shared by the torch reference, both Triton kernels (the
 #: segmented and the row-split ones, as a ``tl.constexpr`` argument) and SyncDSBN: in training, a domain with at

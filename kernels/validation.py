@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["SINGLETON_RULES", "Singleton", "check_dsbn_inputs", "shape_str"]
+__all__ = ["SINGLETON_RULES", "Singleton", "check_dsbn_inputs", "check_singleton", "shape_str"]
 
 #: What a training mini-batch does with a domain's lone row (``reference.py`` has the rules): ``"passthrough"``
 #: (the reference package's rule, the default) or ``"running"``.
@@ -19,6 +19,12 @@ Singleton = Literal["passthrough", "running"]
 SINGLETON_RULES: tuple[str, ...] = ("passthrough", "running")
 
 _PARAM_NAMES = ("weight", "bias", "running_mean", "running_var")
+
+
+def check_singleton(rule: str, name: str = "singleton") -> None:
+    """ValueError naming ``name`` unless ``rule`` is one of :data:`SINGLETON_RULES`."""
+    if rule not in SINGLETON_RULES:
+        raise ValueError(f"{name} must be one of {', '.join(SINGLETON_RULES)}, got {rule!r}")
 
 
 def shape_str(t: torch.Tensor) -> str:
@@ -123,5 +129,4 @@ def check_dsbn_inputs(
     _check_params({name: named[name] for name in _PARAM_NAMES}, x.shape[1])
     _check_devices(named)
     _check_scalars(momentum, eps)
-    if singleton not in SINGLETON_RULES:
-        raise ValueError(f"singleton must be one of {', '.join(SINGLETON_RULES)}, got {singleton!r}")
+    check_singleton(singleton)

@@ -7,7 +7,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from scalex_scale.kernels import SINGLETON_RULES, Singleton, dsbn, resolve_backend
+from scalex_scale.kernels import Singleton, dsbn, resolve_backend
+from scalex_scale.kernels.validation import check_singleton
 from scalex_scale.nn.sync_dsbn import sync_dsbn, sync_world_size
 
 Backend = Literal["auto", "torch", "triton"]
@@ -84,8 +85,7 @@ class DSBN(nn.Module):
         singleton: Singleton = "passthrough",
     ) -> None:
         super().__init__()
-        if singleton not in SINGLETON_RULES:
-            raise ValueError(f"singleton must be one of {', '.join(SINGLETON_RULES)}, got {singleton!r}")
+        check_singleton(singleton)
         if n_features < 1 or n_domains < 1:
             raise ValueError(
                 f"DSBN needs n_features >= 1 and n_domains >= 1, got {n_features} and {n_domains}"

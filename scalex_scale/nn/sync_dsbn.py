@@ -56,7 +56,7 @@ from torch.autograd.function import once_differentiable
 from scalex_scale.kernels import MIN_ROWS_FOR_BATCH_STATS, dsbn
 from scalex_scale.kernels.validation import check_dsbn_inputs
 
-__all__ = ["all_reduce_sum", "sync_dsbn", "sync_world_size"]
+__all__ = ["sync_dsbn", "sync_world_size"]
 
 
 def sync_world_size(process_group: Any = None) -> int:
@@ -66,7 +66,7 @@ def sync_world_size(process_group: Any = None) -> int:
     return int(dist.get_world_size(process_group))
 
 
-def all_reduce_sum(t: torch.Tensor, process_group: Any) -> torch.Tensor:
+def _all_reduce_sum(t: torch.Tensor, process_group: Any) -> torch.Tensor:
     """In-place sum of ``t`` over the ranks of ``process_group`` (nothing without one); returns ``t``."""
     if sync_world_size(process_group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=process_group)
@@ -104,7 +104,7 @@ class _SyncDSBNFunction(torch.autograd.Function):
             ],
             dim=1,
         )
-        all_reduce_sum(stats, process_group)
+        _all_reduce_sum(stats, process_group)
 
         counts = stats[:, 0]
         n = counts.clamp_min(1.0)[:, None]
@@ -142,7 +142,7 @@ class _SyncDSBNFunction(torch.autograd.Function):
         dbias, dweight = torch.where(lone, 0.0, sums[0]), torch.where(lone, 0.0, sums[1])
         dx = None
         if ctx.needs_input_grad[0]:  # the same on every rank (the same graph runs everywhere)
-            all_reduce_sum(sums, ctx.process_group)
+            _all_reduce_sum(sums, ctx.process_group)
             n = counts.clamp_min(1.0)[:, None]
             c_dy = torch.where(use_batch, sums[0] / n, 0.0).index_select(0, dom)
             c_dyx = torch.where(use_batch, sums[1] / n, 0.0).index_select(0, dom)

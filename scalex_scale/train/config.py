@@ -9,7 +9,8 @@ from typing import Any, Literal
 import torch
 
 from scalex_scale.data.config import LoaderConfig
-from scalex_scale.nn.dsbn import SINGLETON_RULES, Singleton
+from scalex_scale.kernels.validation import check_singleton
+from scalex_scale.nn.dsbn import Singleton
 
 Precision = Literal["fp32", "bf16"]
 
@@ -100,8 +101,7 @@ class TrainConfig:
             raise ValueError(f"lr and weight_decay must be >= 0, got {self.lr} and {self.weight_decay}")
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
-        if self.dsbn_singleton not in SINGLETON_RULES:
-            raise ValueError(f"dsbn_singleton must be one of {', '.join(SINGLETON_RULES)}, got {self.dsbn_singleton!r}")
+        check_singleton(self.dsbn_singleton, "dsbn_singleton")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.precision not in ("fp32", "bf16"):
