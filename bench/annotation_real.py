@@ -409,6 +409,17 @@ def knn_rows(ref_X, ref_lab, q_X, q_lab, prefix: str, labelled: bool) -> dict:
     return out
 
 
+def run_cells(d: Path) -> dict[str, np.ndarray]:
+    """A trained run's latent and cells (``obs.csv`` of ``_train``): ``X``, ``labels``, ``batch``, ``ok`` (passed
+    QC), ``is_query``, and the masks every score uses: ``ref`` (labelled reference cells that passed QC) and
+    ``query`` (query cells that passed QC)."""
+    o = pd.read_csv(d / "obs.csv", dtype={"cell": str, "batch": str, "celltype": str})
+    ok, isq = o["ok"].astype(bool).to_numpy(), o["is_query"].astype(bool).to_numpy()
+    lab = o["celltype"].astype(str).to_numpy()
+    return {"X": np.load(d / "latent.npy"), "labels": lab, "batch": o["batch"].astype(str).to_numpy(), "ok": ok,
+            "is_query": isq, "ref": ok & ~isq & (lab != "nan"), "query": ok & isq}
+
+
 def score(work: Path, s: Split, seed: int, iterations: int, retransfer: bool) -> dict | None:
     from scalex_scale import api
 
@@ -426,12 +437,9 @@ def score(work: Path, s: Split, seed: int, iterations: int, retransfer: bool) ->
 
         obs = ad.read_zarr(d / "atlas.zarr").obs  # small atlases
         pred_all = obs["celltype_transfer"].astype(str).to_numpy()
-        o = pd.read_csv(d / "obs.csv", dtype={"cell": str, "batch": str, "celltype": str})
-        lat = np.load(d / "latent.npy")
-        ok, isq = o["ok"].astype(bool).to_numpy(), o["is_query"].astype(bool).to_numpy()
-        lab = o["celltype"].astype(str).to_numpy()
-        ref_m = ok & ~isq & (lab != "nan")
-        q_m = ok & isq
+        cells = run_cells(d)
+        lat, lab, ref_m, q_m = cells["X"], cells["labels"], cells["ref"], cells["query"]
+        ok, isq = cells["ok"], cells["is_query"]
         labelled = DATASETS[s.dataset].labelled
         pred = pred_all[q_m]
         row = {"split": s.id, "dataset": s.dataset, "seed": seed, "iterations": iterations, "group": s.group,
@@ -563,11 +571,11 @@ def keep_rows(path: Path, rows: list[dict], drop_groups: set[str]) -> dict:
     by_key = {key(r): r for r in old["per_run"]}
     n_scvi = 0
     same, changed = [], []
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - a row as the earlier file stores it
     for r in rows:
         prev = by_key.get(key(r), {})
         if prev:  # scored now and in the earlier file: did the run reproduce (same latent -> same scores)?
             tag = "|".join(map(str, key(r)))
-            norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731 - as the earlier file stores it
             (same if all(norm(prev.get(m)) == norm(r.get(m)) for m in ("transfer", "knn5", "knn30")) else changed).append(tag)
         if "scvi_run" not in r and "scvi_run" in prev:
             r.update({k: v for k, v in prev.items() if k.startswith("scvi_")})

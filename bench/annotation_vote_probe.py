@@ -61,24 +61,11 @@ from _env import results_dir, write_json  # noqa: E402
 KS = (5, 30)
 
 
-def load_run(d: Path) -> dict:
-    """A harness run's latent and obs: reference / query masks as ``annotation_real.score`` uses them."""
-    o = pd.read_csv(d / "obs.csv", dtype={"cell": str, "batch": str, "celltype": str})
-    lat = np.load(d / "latent.npy").astype(np.float32)
-    ok, isq = o["ok"].astype(bool).to_numpy(), o["is_query"].astype(bool).to_numpy()
-    lab = o["celltype"].astype(str).to_numpy()
-    return {"X": lat, "labels": lab, "batch": o["batch"].astype(str).to_numpy(), "ref": ok & ~isq & (lab != "nan"),
-            "query": ok & isq}
+def vote(ref_X: np.ndarray, ref_labels: np.ndarray, q_X: np.ndarray, k: int, weighting: str) -> np.ndarray:
+    """The query's vote winners under transfer's vote (``k`` neighbours, ``weighting``) without the novelty call."""
+    from scalex_scale.metrics.label_transfer import TransferConfig, transfer_labels
 
-
-def vote(ref_X: np.ndarray, ref_codes: np.ndarray, n_labels: int, q_X: np.ndarray, k: int, weighting: str) -> np.ndarray:
-    from scalex_scale.metrics.knn import knn_query
-    from scalex_scale.metrics.label_transfer import _weights
-
-    idx, dist = knn_query(ref_X, q_X, k)
-    table = np.zeros((q_X.shape[0], n_labels))
-    np.add.at(table, (np.repeat(np.arange(q_X.shape[0]), k), ref_codes[idx.ravel()]), _weights(dist, weighting).ravel())
-    return table.argmax(axis=1)
+    return transfer_labels(ref_X, ref_labels, q_X, TransferConfig(k=k, weighting=weighting, novelty=False)).predicted
 
 
 def per_type(run: dict, seed: int) -> dict:
@@ -148,11 +135,11 @@ def k_choice(run: dict, seed: int) -> dict:
         rules["cv_density"][k] = score(codes[oks], ps[oks])
         rules["cv_weighted"][k] = 0.5 * (f1_score(codes[ok], p[ok], average="macro", sample_weight=weight[ok])
                                          + float(np.average(codes[ok] == p[ok], weights=weight[ok])))
-        pq = vote(R, codes, cats.size, Q, k, cfg.weighting)
-        rules["reverse"][k] = score(codes, vote(Q, pq, cats.size, R, 5, cfg.weighting))
-        out["query_f1"][k] = round(float(f1_scores(q_truth, cats[pq].astype(str))["f1_macro"]), 4)
-        pu = vote(R, codes, cats.size, Q, k, "uniform")
-        out["query_f1_uniform"] = {**out.get("query_f1_uniform", {}), k: round(float(f1_scores(q_truth, cats[pu].astype(str))["f1_macro"]), 4)}
+        pq = vote(R, cats[codes], Q, k, cfg.weighting)
+        rules["reverse"][k] = score(cats[codes], vote(Q, pq, R, 5, cfg.weighting))
+        out["query_f1"][k] = round(float(f1_scores(q_truth, pq.astype(str))["f1_macro"]), 4)
+        pu = vote(R, cats[codes], Q, k, "uniform")
+        out["query_f1_uniform"] = {**out.get("query_f1_uniform", {}), k: round(float(f1_scores(q_truth, pu.astype(str))["f1_macro"]), 4)}
     for name, sc in rules.items():
         out["rules"][name] = {"scores": {k: round(float(v), 4) for k, v in sc.items()}, "chooses": max(sc, key=lambda k: (sc[k], k))}
     # the k that is best for the method's (distance-weighted) vote; the uniform votes are plain kNN's
@@ -202,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             if not (d / "done").exists():
                 print(f"skip {d}: not trained", flush=True)
                 continue
-            run = load_run(d)
+            run = harness.run_cells(d)
+            run["X"] = run["X"].astype(np.float32)
             row = {"split": sid, "seed": seed, "per_type_f1": per_type(run, seed), "within_set_knn5": within_set(run),
                    "k_choice": k_choice(run, seed)}
             rows.append(row)
